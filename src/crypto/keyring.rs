@@ -1,0 +1,306 @@
+//! The key ring: unwrapped data keys (DEKs) held in memory, one active per
+//! tenant, each with its encryption counter.
+//!
+//! Counters are reserved in blocks: before a DEK encrypts past its persisted
+//! reservation, the vault persists a higher one. After a crash every reserved
+//! use counts as spent, so a DEK can never exceed its limit however often the
+//! process dies (NIST SP 800-38D §8.3: at most 2^32 random-nonce encryptions).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use aes_gcm::Aes256Gcm;
+
+use super::CryptoError;
+use super::envelope;
+use super::kek::{Kek, KeyBytes};
+use crate::crypto::push_field;
+use crate::domain::store::{DekState, WrappedDek};
+
+/// Encryptions a single DEK may ever perform with random nonces.
+pub const HARD_USE_LIMIT: u64 = 1 << 32;
+
+/// A data key, unwrapped. The cipher's key schedule is zeroized on drop.
+pub struct DataKey {
+    pub id: u32,
+    pub tenant: String,
+    pub version: u32,
+    pub state: DekState,
+    cipher: Aes256Gcm,
+    used: AtomicU64,
+    reserved: AtomicU64,
+    /// Serialises reservation writes so concurrent encryptions that all hit
+    /// the end of a block persist one new reservation, not many.
+    pub reserve_lock: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataKey")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("used", &self.used.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a DEK may encrypt once more.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Use {
+    /// One use taken; go ahead.
+    Granted,
+    /// The persisted reservation is spent: reserve more, then retry.
+    NeedReservation,
+    /// The hard limit is reached: this key must never encrypt again.
+    Exhausted,
+}
+
+impl DataKey {
+    pub fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
+    }
+
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes one encryption from the reservation.
+    pub fn take_use(&self) -> Use {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur >= HARD_USE_LIMIT {
+                return Use::Exhausted;
+            }
+            if cur >= self.reserved.load(Ordering::Acquire) {
+                return Use::NeedReservation;
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Use::Granted,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The reservation to persist next: one block more, capped at the limit.
+    pub fn next_reservation(&self, block: u64) -> u64 {
+        self.reserved().saturating_add(block).min(HARD_USE_LIMIT)
+    }
+
+    /// Records that `reserved` is now durable.
+    pub fn set_reserved(&self, reserved: u64) {
+        self.reserved.fetch_max(reserved, Ordering::AcqRel);
+    }
+}
+
+/// Associated data binding a wrapped DEK to its identity, so a wrapped key
+/// cannot be swapped to another tenant, id or version.
+pub fn dek_aad(tenant: &str, id: u32, version: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    push_field(&mut aad, b"tokenvault/dek/v1");
+    push_field(&mut aad, tenant.as_bytes());
+    aad.extend_from_slice(&id.to_be_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+/// All unwrapped DEKs, by id, and which one is active per tenant.
+pub struct KeyRing {
+    kek: Arc<dyn Kek>,
+    by_id: RwLock<HashMap<u32, Arc<DataKey>>>,
+    active: RwLock<HashMap<String, Arc<DataKey>>>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.by_id.read().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("KeyRing")
+            .field("kek", &self.kek.id())
+            .field("deks", &n)
+            .finish()
+    }
+}
+
+impl KeyRing {
+    pub fn new(kek: Arc<dyn Kek>) -> Self {
+        Self {
+            kek,
+            by_id: RwLock::default(),
+            active: RwLock::default(),
+        }
+    }
+
+    pub fn kek(&self) -> &Arc<dyn Kek> {
+        &self.kek
+    }
+
+    /// Unwraps a stored DEK and adds it. A destroyed DEK is skipped; one that
+    /// fails to unwrap is an error (wrong KEK or tampered row), never ignored.
+    pub fn load(&self, w: &WrappedDek) -> Result<(), CryptoError> {
+        if w.state == DekState::Destroyed {
+            return Ok(());
+        }
+        let key = self
+            .kek
+            .unwrap(&w.wrapped, &dek_aad(&w.tenant, w.id, w.version))?;
+        // Every use reserved before a restart counts as spent.
+        self.install(DataKey {
+            id: w.id,
+            tenant: w.tenant.clone(),
+            version: w.version,
+            state: w.state,
+            cipher: envelope::cipher(key.expose()),
+            used: AtomicU64::new(w.reserved),
+            reserved: AtomicU64::new(w.reserved),
+            reserve_lock: tokio::sync::Mutex::new(()),
+        });
+        Ok(())
+    }
+
+    /// Generates a new active DEK for `tenant` and returns it with its wrapped
+    /// form. It is not in the ring until [`KeyRing::install`] is called, which
+    /// the vault does only after the wrapped form is durable.
+    pub fn generate(
+        &self,
+        tenant: &str,
+        id: u32,
+        version: u32,
+        now_ms: i64,
+    ) -> Result<(DataKey, WrappedDek), CryptoError> {
+        let key = KeyBytes::generate()?;
+        let wrapped = self.kek.wrap(&key, &dek_aad(tenant, id, version))?;
+        let dk = DataKey {
+            id,
+            tenant: tenant.to_owned(),
+            version,
+            state: DekState::Active,
+            cipher: envelope::cipher(key.expose()),
+            used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            reserve_lock: tokio::sync::Mutex::new(()),
+        };
+        let w = WrappedDek {
+            id,
+            tenant: tenant.to_owned(),
+            version,
+            state: DekState::Active,
+            wrapped,
+            kek_id: self.kek.id().to_owned(),
+            created_ms: now_ms,
+            reserved: 0,
+        };
+        Ok((dk, w))
+    }
+
+    pub fn install(&self, dk: DataKey) -> Arc<DataKey> {
+        let dk = Arc::new(dk);
+        if let Ok(mut m) = self.by_id.write() {
+            m.insert(dk.id, dk.clone());
+        }
+        if dk.state == DekState::Active {
+            if let Ok(mut m) = self.active.write() {
+                m.insert(dk.tenant.clone(), dk.clone());
+            }
+        }
+        dk
+    }
+
+    pub fn active_for(&self, tenant: &str) -> Option<Arc<DataKey>> {
+        self.active.read().ok()?.get(tenant).cloned()
+    }
+
+    pub fn get(&self, id: u32) -> Option<Arc<DataKey>> {
+        self.by_id.read().ok()?.get(&id).cloned()
+    }
+
+    /// The next free DEK id and the next version for `tenant`.
+    pub fn next_ids(&self, tenant: &str) -> (u32, u32) {
+        let Ok(m) = self.by_id.read() else {
+            return (1, 1);
+        };
+        let id = m.keys().max().map_or(1, |m| m + 1);
+        let version = m
+            .values()
+            .filter(|d| d.tenant == tenant)
+            .map(|d| d.version)
+            .max()
+            .map_or(1, |v| v + 1);
+        (id, version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::crypto::kek::LocalKek;
+
+    fn ring() -> KeyRing {
+        KeyRing::new(Arc::new(LocalKek::from_key(&KeyBytes::generate().unwrap())))
+    }
+
+    #[test]
+    fn counter_needs_reservation_then_grants_up_to_it() {
+        let r = ring();
+        let (dk, _) = r.generate("acme", 1, 1, 0).unwrap();
+        assert_eq!(dk.take_use(), Use::NeedReservation);
+        dk.set_reserved(dk.next_reservation(2));
+        assert_eq!(dk.take_use(), Use::Granted);
+        assert_eq!(dk.take_use(), Use::Granted);
+        assert_eq!(dk.take_use(), Use::NeedReservation);
+    }
+
+    #[test]
+    fn counter_refuses_at_hard_limit() {
+        let r = ring();
+        let (dk, _) = r.generate("acme", 1, 1, 0).unwrap();
+        dk.used.store(HARD_USE_LIMIT - 1, Ordering::Relaxed);
+        dk.set_reserved(dk.next_reservation(u64::MAX));
+        assert_eq!(dk.reserved(), HARD_USE_LIMIT);
+        assert_eq!(dk.take_use(), Use::Granted);
+        assert_eq!(dk.take_use(), Use::Exhausted);
+    }
+
+    #[test]
+    fn reload_counts_reserved_as_spent() {
+        let r = ring();
+        let (_, mut w) = r.generate("acme", 1, 1, 0).unwrap();
+        w.reserved = 1000;
+        r.load(&w).unwrap();
+        let dk = r.get(1).unwrap();
+        assert_eq!(dk.used(), 1000);
+        assert_eq!(dk.take_use(), Use::NeedReservation);
+    }
+
+    #[test]
+    fn wrapped_dek_bound_to_identity() {
+        let r = ring();
+        let (_, w) = r.generate("acme", 1, 1, 0).unwrap();
+        let mut moved = w.clone();
+        moved.tenant = "globex".into();
+        assert!(r.load(&moved).is_err());
+        let mut bumped = w.clone();
+        bumped.version = 2;
+        assert!(r.load(&bumped).is_err());
+        r.load(&w).unwrap();
+        assert!(r.active_for("acme").is_some());
+    }
+
+    #[test]
+    fn debug_of_keys_shows_no_bytes() {
+        let r = ring();
+        let (dk, w) = r.generate("acme", 1, 1, 0).unwrap();
+        let d = format!("{dk:?} {w:?} {r:?}");
+        assert!(d.contains("DataKey") && !d.contains("wrapped:"), "{d}");
+    }
+}

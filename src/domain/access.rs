@@ -1,0 +1,302 @@
+//! Who is calling and what they may do: tenants, roles, and the deny-by-default
+//! table of which role each action needs.
+
+use std::fmt;
+
+use super::error::VaultError;
+
+/// A tenant name: 1–64 characters of `[a-z0-9_-]`, so it can be bound into
+/// associated data and audit records without escaping.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "tenant {s:?} must be 1-64 characters of a-z, 0-9, '_' or '-'"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TenantId({})", self.0)
+    }
+}
+
+/// A role granted to a caller identity by configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Tokenize,
+    Detokenize,
+    Audit,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tokenize" => Some(Self::Tokenize),
+            "detokenize" => Some(Self::Detokenize),
+            "audit" => Some(Self::Audit),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tokenize => "tokenize",
+            Self::Detokenize => "detokenize",
+            Self::Audit => "audit",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::Tokenize => 1,
+            Self::Detokenize => 2,
+            Self::Audit => 4,
+            Self::Admin => 8,
+        }
+    }
+}
+
+/// A set of roles, small enough to copy.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoleSet(u8);
+
+impl RoleSet {
+    pub fn new(roles: impl IntoIterator<Item = Role>) -> Self {
+        Self(roles.into_iter().fold(0, |acc, r| acc | r.bit()))
+    }
+
+    pub fn contains(self, role: Role) -> bool {
+        self.0 & role.bit() != 0
+    }
+
+    fn intersects(self, other: RoleSet) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Debug for RoleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all = [Role::Tokenize, Role::Detokenize, Role::Audit, Role::Admin];
+        f.debug_set()
+            .entries(
+                all.iter()
+                    .filter(|r| self.contains(**r))
+                    .map(|r| r.as_str()),
+            )
+            .finish()
+    }
+}
+
+/// Which tenants a grant reaches: one, or all (for auditors and
+/// administrators configured with `tenant = "*"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantScope {
+    One(TenantId),
+    All,
+}
+
+/// What configuration grants an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: TenantScope,
+    pub roles: RoleSet,
+}
+
+/// An authenticated caller as the core sees it. `grant` is `None` when the
+/// certificate was valid but configuration maps it to nothing: such a caller
+/// may do nothing at all.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: String,
+    pub peer: Option<String>,
+    pub grant: Option<Grant>,
+}
+
+/// An operation a caller asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Tokenize,
+    Detokenize,
+    GetMetadata,
+    DeleteToken,
+}
+
+impl Action {
+    /// The roles any one of which allows the action. This table is the whole
+    /// of the data-plane authorization policy.
+    fn allowed_roles(self) -> RoleSet {
+        match self {
+            Self::Tokenize => RoleSet::new([Role::Tokenize]),
+            Self::Detokenize => RoleSet::new([Role::Detokenize]),
+            Self::GetMetadata => {
+                RoleSet::new([Role::Tokenize, Role::Detokenize, Role::Audit, Role::Admin])
+            }
+            Self::DeleteToken => RoleSet::new([Role::Tokenize, Role::Admin]),
+        }
+    }
+}
+
+impl Caller {
+    /// Deny by default: succeeds only if the caller's grant holds one of the
+    /// roles the action needs.
+    pub fn authorize(&self, action: Action) -> Result<&Grant, VaultError> {
+        let Some(grant) = &self.grant else {
+            return Err(VaultError::PermissionDenied(
+                "caller identity is not mapped to any tenant or role".into(),
+            ));
+        };
+        if !grant.roles.intersects(action.allowed_roles()) {
+            return Err(VaultError::PermissionDenied(format!(
+                "caller lacks a role permitted to {}",
+                action.describe()
+            )));
+        }
+        Ok(grant)
+    }
+
+    /// The tenant a new token is created for: only a single-tenant grant can
+    /// tokenize, so a token always has exactly one owner.
+    pub fn home_tenant(&self) -> Option<&TenantId> {
+        match &self.grant {
+            Some(Grant {
+                scope: TenantScope::One(t),
+                ..
+            }) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether the caller's grant reaches `tenant`.
+    pub fn reaches(&self, tenant: &TenantId) -> bool {
+        match &self.grant {
+            Some(Grant {
+                scope: TenantScope::All,
+                ..
+            }) => true,
+            Some(Grant {
+                scope: TenantScope::One(t),
+                ..
+            }) => t == tenant,
+            None => false,
+        }
+    }
+}
+
+impl Action {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Tokenize => "tokenize",
+            Self::Detokenize => "detokenize",
+            Self::GetMetadata => "read token metadata",
+            Self::DeleteToken => "delete tokens",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(roles: &[Role], scope: TenantScope) -> Caller {
+        Caller {
+            identity: "spiffe://test/x".into(),
+            peer: None,
+            grant: Some(Grant {
+                scope,
+                roles: RoleSet::new(roles.iter().copied()),
+            }),
+        }
+    }
+
+    #[test]
+    fn unmapped_caller_may_do_nothing() {
+        let c = Caller {
+            identity: "x".into(),
+            peer: None,
+            grant: None,
+        };
+        for a in [
+            Action::Tokenize,
+            Action::Detokenize,
+            Action::GetMetadata,
+            Action::DeleteToken,
+        ] {
+            assert!(matches!(
+                c.authorize(a),
+                Err(VaultError::PermissionDenied(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn role_table_matches_policy() {
+        let acme = || TenantScope::One(TenantId::parse("acme").unwrap());
+        let expect = [
+            (Role::Tokenize, [true, false, true, true]),
+            (Role::Detokenize, [false, true, true, false]),
+            (Role::Audit, [false, false, true, false]),
+            (Role::Admin, [false, false, true, true]),
+        ];
+        let actions = [
+            Action::Tokenize,
+            Action::Detokenize,
+            Action::GetMetadata,
+            Action::DeleteToken,
+        ];
+        for (role, allowed) in expect {
+            let c = caller(&[role], acme());
+            for (a, ok) in actions.iter().zip(allowed) {
+                assert_eq!(c.authorize(*a).is_ok(), ok, "{role:?} {a:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn scope_limits_tenants() {
+        let acme = TenantId::parse("acme").unwrap();
+        let globex = TenantId::parse("globex").unwrap();
+        let c = caller(&[Role::Tokenize], TenantScope::One(acme.clone()));
+        assert!(c.reaches(&acme));
+        assert!(!c.reaches(&globex));
+        let all = caller(&[Role::Audit], TenantScope::All);
+        assert!(all.reaches(&globex));
+        assert!(all.home_tenant().is_none());
+    }
+
+    #[test]
+    fn tenant_names_are_restricted() {
+        assert!(TenantId::parse("acme-1_x").is_ok());
+        for bad in ["", "Acme", "a b", "a/b", &"x".repeat(65)] {
+            assert!(TenantId::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Storage adapters implementing the core's [`crate::domain::Store`] port.
+
+pub mod sqlite;
+
+pub use sqlite::{SqliteOptions, SqliteStore};

@@ -1,0 +1,131 @@
+//! Versioned schema migrations, tracked in `PRAGMA user_version`.
+//!
+//! Indexes are deliberately few: each one is another B-tree to update on
+//! every tokenize. Tokens are the primary key of a `WITHOUT ROWID` table, and
+//! since a token starts with its creation time, new rows append at the right
+//! edge of the tree instead of landing on random pages.
+
+use rusqlite::{Connection, Transaction};
+
+const MIGRATIONS: &[&str] = &[
+    // v1: the foundation.
+    "CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE deks (
+        id         INTEGER PRIMARY KEY,
+        tenant     TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('active', 'decrypt-only', 'destroyed')),
+        wrapped    BLOB,
+        kek_id     TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        reserved   INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (tenant, version)
+    );
+
+    CREATE TABLE tokens (
+        token      BLOB PRIMARY KEY,
+        tenant     TEXT NOT NULL,
+        dek_id     INTEGER NOT NULL,
+        ciphertext BLOB NOT NULL,
+        brand      TEXT NOT NULL,
+        bin        TEXT NOT NULL,
+        last4      TEXT NOT NULL,
+        pan_len    INTEGER NOT NULL,
+        exp_month  INTEGER,
+        exp_year   INTEGER,
+        created_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Append-only: seq is assigned by the single writer, gapless; entry_hash
+    -- is reserved for the hash chain.
+    CREATE TABLE audit (
+        seq        INTEGER PRIMARY KEY,
+        time_ms    INTEGER NOT NULL,
+        actor      TEXT NOT NULL,
+        tenant     TEXT,
+        action     TEXT NOT NULL,
+        token      BLOB,
+        outcome    TEXT NOT NULL,
+        peer       TEXT,
+        purpose    TEXT,
+        detail     TEXT,
+        entry_hash BLOB
+    );
+
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;",
+];
+
+/// Brings the database to the newest schema, one transaction per version.
+/// A database newer than this binary is refused rather than guessed at.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > MIGRATIONS.len() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISMATCH),
+            Some(format!(
+                "database schema v{current} is newer than this vault (v{})",
+                MIGRATIONS.len()
+            )),
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        apply(&tx, sql, i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn apply(tx: &Transaction<'_>, sql: &str, version: usize) -> rusqlite::Result<()> {
+    tx.execute_batch(sql)?;
+    tx.pragma_update(None, "user_version", version)
+}
+
+#[cfg(test)]
+pub const fn current_version() -> usize {
+    MIGRATIONS.len()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_is_idempotent() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        migrate(&mut c).unwrap();
+        let v: usize = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, current_version());
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        assert!(migrate(&mut c).is_err());
+    }
+
+    #[test]
+    fn audit_rows_cannot_be_changed() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        c.execute(
+            "INSERT INTO audit (seq, time_ms, actor, action, outcome) VALUES (1, 0, 'a', 'x', 'success')",
+            [],
+        )
+        .unwrap();
+        assert!(c.execute("UPDATE audit SET actor = 'b'", []).is_err());
+        assert!(c.execute("DELETE FROM audit", []).is_err());
+    }
+}
