@@ -1,8 +1,56 @@
+//! # tokenvault
+//!
+//! A payment-card tokenization vault: the one service in a payment stack
+//! allowed to see card numbers (PANs). Everything else holds opaque tokens.
+//!
+//! # Layout
+//!
+//! - [`domain`]: the core. [`domain::Pan`] (only made by parsing),
+//!   [`domain::Token`], callers and roles ([`domain::access`]), audit events,
+//!   the [`domain::Store`] port, and [`domain::Vault`], which sequences every
+//!   operation. Knows nothing of gRPC or SQL.
+//! - [`crypto`]: the AES-256-GCM record envelope, KEK sources ([`crypto::kek`])
+//!   and the key ring of unwrapped data keys with their use counters.
+//! - [`storage`]: adapters for the store port. SQLite with a group-commit
+//!   writer is the default.
+//! - [`transport`]: gRPC services, caller identity from the mTLS client
+//!   certificate, and the single error → status mapping.
+//! - [`server`]: assembles config, KEK, store, vault and the TLS listener;
+//!   graceful shutdown. [`config`]: typed, validated configuration.
+//! - [`devpki`]: development CA, certificates, KEK and config; [`client`]:
+//!   an mTLS client for the CLI, load generator and tests.
+//!
+//! # A tokenize call
+//!
+//! TLS handshake (client certificate verified against the configured CA) →
+//! [`transport::auth`] reads the identity and looks up its grant →
+//! [`domain::Vault::tokenize`] checks the role, parses the PAN, takes one use
+//! from the tenant's data key (reserving a new block durably if needed),
+//! generates a random token, seals the PAN with the token, tenant and key id
+//! as associated data → the store commits token row and audit record in one
+//! group commit → only then is the token returned.
+//!
+//! # A detokenize call
+//!
+//! Identity and role as above, non-empty purpose → the token row is read and
+//! its tenant checked (another tenant's token is NOT_FOUND) → the envelope is
+//! opened with its data key (any mismatch is DATA_LOSS, never a wrong PAN) →
+//! the audit record with the purpose is committed → only then is the PAN
+//! returned. If the audit record cannot be written the call fails.
+
+pub mod client;
+pub mod config;
 pub mod crypto;
+pub mod devpki;
 pub mod domain;
 pub mod fsutil;
+pub mod server;
 pub mod storage;
+pub mod telemetry;
+pub mod transport;
 
+/// Code generated from `proto/vault/v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
     tonic::include_proto!("vault.v1");
 }

@@ -96,6 +96,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates it to the
     /// current schema and starts the writer.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<Self, StoreError> {
+        create_private(path).map_err(unavailable)?;
         let mut conn = Connection::open(path).map_err(unavailable)?;
         common_pragmas(&conn).map_err(unavailable)?;
         let mode: String = conn
@@ -109,7 +110,6 @@ impl SqliteStore {
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(unavailable)?;
         schema::migrate(&mut conn).map_err(unavailable)?;
-        restrict_permissions(path);
 
         let mut readers = Vec::with_capacity(opts.readers.max(1));
         for _ in 0..opts.readers.max(1) {
@@ -161,12 +161,22 @@ impl SqliteStore {
 }
 
 /// The database holds ciphertext only, but it is still cardholder-data
-/// environment: owner-only access (PCI DSS 7.2.6).
-fn restrict_permissions(path: &Path) {
+/// environment: owner-only access (PCI DSS 7.2.6). Creating the file 0600
+/// before SQLite opens it matters: SQLite gives the `-wal` and `-shm` files
+/// the database file's mode.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        opts.mode(0o600);
+        opts.open(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    }
+    #[cfg(not(unix))]
+    {
+        opts.open(path).map(|_| ())
     }
 }
 

@@ -1,0 +1,411 @@
+//! Typed configuration: a TOML file, then environment overrides, validated as
+//! a whole at load so a bad setting stops the vault at start with a message
+//! naming it. Relative paths are resolved against the config file's folder.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::access::{Grant, Role, RoleSet, TenantId, TenantScope};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub kek: KekConfig,
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub server: ServerOptions,
+    #[serde(default)]
+    pub clients: Vec<ClientGrant>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// Where the KEK comes from. The environment variable `VAULT_KEK` (base64)
+/// wins over `file` when set, so the key need never touch disk.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KekConfig {
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    #[serde(default = "default_readers")]
+    pub readers: usize,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Encryptions reserved per durable counter write.
+    #[serde(default = "default_counter_block")]
+    pub counter_block: u64,
+}
+
+fn default_readers() -> usize {
+    4
+}
+fn default_max_batch() -> usize {
+    2048
+}
+fn default_counter_block() -> u64 {
+    65_536
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Deadline for one request, unless the client asks for less.
+    pub request_timeout_ms: u64,
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_timeout_ms: 5_000,
+            max_message_bytes: 16 * 1024,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl Limits {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerOptions {
+    /// gRPC server reflection. Handy in development; turn off in production.
+    pub reflection: bool,
+    /// Seconds to wait for in-flight calls at shutdown.
+    pub drain_seconds: u64,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            reflection: false,
+            drain_seconds: 10,
+        }
+    }
+}
+
+/// One caller identity and what it may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientGrant {
+    /// As named by the client certificate: URI SAN, DNS SAN or CN.
+    pub identity: String,
+    /// A tenant name, or `*` for auditors and administrators of all tenants.
+    pub tenant: String,
+    pub roles: Vec<String>,
+}
+
+/// Reads environment variables; tests pass a map instead of the process env.
+pub trait Env {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path`, applies environment overrides and validates.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        cfg.apply_env(env)?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_owned())
+    }
+
+    fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        if let Some(v) = env.get("VAULT_LISTEN") {
+            self.listen = v.parse().map_err(|_| ConfigError::Env {
+                name: "VAULT_LISTEN",
+                message: format!("{v:?} is not an address like 127.0.0.1:7443"),
+            })?;
+        }
+        if let Some(v) = env.get("VAULT_DB") {
+            self.storage.path = v.into();
+        }
+        if let Some(v) = env.get("VAULT_KEK_FILE") {
+            self.kek.file = Some(v.into());
+        }
+        if let Some(v) = env.get("VAULT_REFLECTION") {
+            self.server.reflection = match v.as_str() {
+                "1" | "true" | "on" => true,
+                "0" | "false" | "off" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "VAULT_REFLECTION",
+                        message: format!("{v:?} is not true or false"),
+                    });
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.tls.cert);
+        abs(&mut self.tls.key);
+        abs(&mut self.tls.client_ca);
+        abs(&mut self.storage.path);
+        if let Some(f) = self.kek.file.as_mut() {
+            abs(f);
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (what, p) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
+            if !p.is_file() {
+                return bad(format!("{what}: {} does not exist", p.display()));
+            }
+        }
+        if let Some(dir) = self.storage.path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return bad(format!(
+                    "storage.path: folder {} does not exist",
+                    dir.display()
+                ));
+            }
+        }
+        if self.storage.readers == 0 || self.storage.readers > 64 {
+            return bad("storage.readers must be 1 to 64".into());
+        }
+        if self.storage.max_batch == 0 {
+            return bad("storage.max_batch must be at least 1".into());
+        }
+        if self.storage.counter_block == 0 {
+            return bad("storage.counter_block must be at least 1".into());
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return bad("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.limits.request_timeout_ms == 0 {
+            return bad("limits.request_timeout_ms must be at least 1".into());
+        }
+        self.grants()?;
+        Ok(())
+    }
+
+    /// The identity → grant map. Deny by default: an identity absent here
+    /// may do nothing.
+    pub fn grants(&self) -> Result<HashMap<String, Grant>, ConfigError> {
+        let mut out = HashMap::new();
+        let mut seen = HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let at = format!("clients[{i}] ({})", c.identity);
+            if c.identity.trim().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "clients[{i}]: identity is empty"
+                )));
+            }
+            if !seen.insert(c.identity.clone()) {
+                return Err(ConfigError::Invalid(format!("{at}: identity listed twice")));
+            }
+            let mut roles = Vec::new();
+            for r in &c.roles {
+                roles.push(Role::parse(r).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "{at}: unknown role {r:?} (tokenize, detokenize, audit, admin)"
+                    ))
+                })?);
+            }
+            if roles.is_empty() {
+                return Err(ConfigError::Invalid(format!("{at}: no roles")));
+            }
+            let scope = if c.tenant == "*" {
+                if roles
+                    .iter()
+                    .any(|r| matches!(r, Role::Tokenize | Role::Detokenize))
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "{at}: tokenize and detokenize need a single tenant, not \"*\""
+                    )));
+                }
+                TenantScope::All
+            } else {
+                TenantScope::One(
+                    TenantId::parse(&c.tenant)
+                        .map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?,
+                )
+            };
+            out.insert(
+                c.identity.clone(),
+                Grant {
+                    scope,
+                    roles: RoleSet::new(roles),
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    const BASE: &str = r#"
+        listen = "127.0.0.1:7443"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "ca.pem"
+        [storage]
+        path = "vault.db"
+        [[clients]]
+        identity = "spiffe://x/acme/checkout"
+        tenant = "acme"
+        roles = ["tokenize"]
+    "#;
+
+    fn with_files() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let p = d.path().join("vault.toml");
+        std::fs::write(&p, BASE).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn loads_and_resolves_relative_paths() {
+        let (d, p) = with_files();
+        let c = Config::load(&p, &HashMap::new()).unwrap();
+        assert_eq!(c.storage.path, d.path().join("vault.db"));
+        assert!(!c.server.reflection);
+        assert_eq!(c.grants().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn env_overrides() {
+        let (_d, p) = with_files();
+        let env: HashMap<String, String> = [
+            ("VAULT_LISTEN".to_string(), "127.0.0.1:9000".to_string()),
+            ("VAULT_REFLECTION".to_string(), "true".to_string()),
+        ]
+        .into();
+        let c = Config::load(&p, &env).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert!(c.server.reflection);
+        let env: HashMap<String, String> =
+            [("VAULT_LISTEN".to_string(), "nope".to_string())].into();
+        let e = Config::load(&p, &env).unwrap_err().to_string();
+        assert!(e.contains("VAULT_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_settings_with_a_named_reason() {
+        let (_d, p) = with_files();
+        let cases = [
+            (
+                "roles = [\"tokenize\"]",
+                "roles = [\"superuser\"]",
+                "unknown role",
+            ),
+            ("tenant = \"acme\"", "tenant = \"*\"", "single tenant"),
+            ("tenant = \"acme\"", "tenant = \"Acme Corp\"", "tenant"),
+            (
+                "cert = \"server.pem\"",
+                "cert = \"missing.pem\"",
+                "tls.cert",
+            ),
+            ("listen = \"127.0.0.1:7443\"", "listen = \"x\"", "invalid"),
+            ("[storage]", "[storage]\nbogus = 1", "bogus"),
+        ];
+        for (from, to, needle) in cases {
+            std::fs::write(&p, BASE.replace(from, to)).unwrap();
+            let e = Config::load(&p, &HashMap::new()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_identity_rejected() {
+        let (_d, p) = with_files();
+        let dup = format!(
+            "{BASE}\n[[clients]]\nidentity = \"spiffe://x/acme/checkout\"\ntenant = \"acme\"\nroles = [\"admin\"]\n"
+        );
+        std::fs::write(&p, dup).unwrap();
+        let e = Config::load(&p, &HashMap::new()).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+    }
+}

@@ -1,0 +1,198 @@
+//! Process assembly: load the KEK and open the store and vault from config,
+//! then serve gRPC over mutual TLS with health, optional reflection, message
+//! limits and deadlines, and drain gracefully on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::config::{Config, Env};
+use crate::crypto::kek::{Kek, LocalKek};
+use crate::domain::{Vault, VaultSettings};
+use crate::proto::token_service_server::TokenServiceServer;
+use crate::storage::{SqliteOptions, SqliteStore};
+use crate::transport::auth::Authenticator;
+use crate::transport::grpc::TokenServiceImpl;
+
+/// Encoded descriptors of `vault.v1`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/vault_descriptor.bin"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("KEK: {0}")]
+    Kek(String),
+    #[error("{0}")]
+    Open(#[from] crate::domain::vault::OpenError),
+    #[error("storage: {0}")]
+    Store(#[from] crate::domain::StoreError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("server: {0}")]
+    Serve(String),
+}
+
+/// Loads the KEK: `VAULT_KEK` (base64) if set, else the configured file.
+pub fn load_kek(cfg: &Config, env: &dyn Env) -> Result<Arc<dyn Kek>, StartError> {
+    if let Some(text) = env.get("VAULT_KEK").map(Zeroizing::new) {
+        let kek =
+            LocalKek::from_base64(&text).map_err(|e| StartError::Kek(format!("VAULT_KEK: {e}")))?;
+        return Ok(Arc::new(kek));
+    }
+    let Some(path) = &cfg.kek.file else {
+        return Err(StartError::Kek(
+            "no KEK configured: set kek.file or VAULT_KEK".into(),
+        ));
+    };
+    Ok(Arc::new(
+        LocalKek::from_file(path).map_err(|e| StartError::Kek(e.to_string()))?,
+    ))
+}
+
+/// Opens the store and the vault. Refuses to start with the wrong KEK.
+pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, StartError> {
+    let store = SqliteStore::open(
+        &cfg.storage.path,
+        SqliteOptions {
+            readers: cfg.storage.readers,
+            max_batch: cfg.storage.max_batch,
+            ..SqliteOptions::default()
+        },
+    )?;
+    let vault = Vault::open(
+        Arc::new(store),
+        kek,
+        VaultSettings {
+            counter_block: cfg.storage.counter_block,
+        },
+    )
+    .await?;
+    Ok(Arc::new(vault))
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+/// calls finish (up to the configured drain time) and closes the store so
+/// every queued write is committed before returning.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: &Config,
+    vault: Arc<Vault>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let key = Zeroizing::new(read(&cfg.tls.key)?);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
+        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
+    let auth = Arc::new(Authenticator::new(cfg.grants()?));
+    let limit = cfg.limits.max_message_bytes;
+    let svc = TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+        .await;
+    let reflection = if cfg.server.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(|e| StartError::Serve(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+
+    // Small unary calls: Nagle's algorithm would only add latency.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        info!("shutdown requested: draining in-flight calls");
+        let _ = stop_tx.send(());
+    };
+    let router = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .timeout(cfg.limits.request_timeout())
+        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_svc)
+        .add_optional_service(reflection)
+        .add_service(svc);
+    let serving = router.serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(serving);
+    let drain = Duration::from_secs(cfg.server.drain_seconds);
+    let deadline = async move {
+        if stop_rx.await.is_ok() {
+            tokio::time::sleep(drain).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = &mut serving => r.map_err(|e| StartError::Serve(e.to_string())),
+        () = deadline => {
+            warn!("drain time exceeded; abandoning remaining calls");
+            Ok(())
+        }
+    };
+    health
+        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
+        .await;
+    vault.store().close().await?;
+    info!("vault stopped; all acknowledged writes are committed");
+    result
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

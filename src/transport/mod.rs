@@ -1,0 +1,6 @@
+//! The gRPC adapter: service implementations, caller identity from the mTLS
+//! client certificate, and the one mapping of domain errors to gRPC status.
+
+pub mod auth;
+pub mod grpc;
+pub mod status;
