@@ -236,13 +236,14 @@ impl Config {
                 return bad(format!("{what}: {} does not exist", p.display()));
             }
         }
-        if let Some(dir) = self.storage.path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                return bad(format!(
-                    "storage.path: folder {} does not exist",
-                    dir.display()
-                ));
-            }
+        if let Some(dir) = self.storage.path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return bad(format!(
+                "storage.path: folder {} does not exist",
+                dir.display()
+            ));
         }
         if self.storage.readers == 0 || self.storage.readers > 64 {
             return bad("storage.readers must be 1 to 64".into());

@@ -115,12 +115,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             let layout = ensure_dev_dir(&data_dir, listen).map_err(|e| e.to_string())?;
             let mut cfg = Config::load(&layout.config(), &ProcessEnv).map_err(|e| e.to_string())?;
             cfg.listen = listen;
-            print_dev_help(&data_dir, listen);
-            run_server(cfg).await.map_err(|e| e.to_string())
+            let help = move |addr| print_dev_help(&data_dir, addr);
+            run_server(cfg, help).await.map_err(|e| e.to_string())
         }
         Cmd::Serve { config } => {
             let cfg = Config::load(&config, &ProcessEnv).map_err(|e| e.to_string())?;
-            run_server(cfg).await.map_err(|e| e.to_string())
+            run_server(cfg, |_| {}).await.map_err(|e| e.to_string())
         }
         Cmd::Client {
             data_dir,
@@ -138,7 +138,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-async fn run_server(cfg: Config) -> Result<(), StartError> {
+/// Opens the vault, binds, announces the bound address on standard output
+/// (`listening on ADDR`, one line, for scripts and tests using port 0), and
+/// serves until SIGTERM or SIGINT.
+async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
     let kek = load_kek(&cfg, &ProcessEnv)?;
     let vault = open_vault(&cfg, kek).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -148,6 +151,8 @@ async fn run_server(cfg: Config) -> Result<(), StartError> {
         .local_addr()
         .map_err(|e| StartError::Serve(e.to_string()))?;
     tracing::info!(%addr, "vault serving (mutual TLS)");
+    announce(addr);
+    println!("listening on {addr}");
     serve(listener, &cfg, vault, shutdown_signal()).await
 }
 

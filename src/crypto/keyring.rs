@@ -207,10 +207,10 @@ impl KeyRing {
         if let Ok(mut m) = self.by_id.write() {
             m.insert(dk.id, dk.clone());
         }
-        if dk.state == DekState::Active {
-            if let Ok(mut m) = self.active.write() {
-                m.insert(dk.tenant.clone(), dk.clone());
-            }
+        if dk.state == DekState::Active
+            && let Ok(mut m) = self.active.write()
+        {
+            m.insert(dk.tenant.clone(), dk.clone());
         }
         dk
     }

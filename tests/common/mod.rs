@@ -1,0 +1,183 @@
+//! Test harness: a real vault on 127.0.0.1:0 with freshly generated
+//! development certificates, KEK and SQLite file in a temp directory, and
+//! mTLS clients for each example caller.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tempfile::TempDir;
+use tokenvault::client::{ClientPki, connect};
+use tokenvault::config::Config;
+use tokenvault::devpki::{DevLayout, ensure_dev_dir};
+use tokenvault::proto::token_service_client::TokenServiceClient;
+use tokenvault::server::{StartError, load_kek, open_vault, serve};
+use tonic::transport::Channel;
+
+pub type Client = TokenServiceClient<Channel>;
+
+/// The example callers of the development setup.
+pub const ACME_CHECKOUT: &str = "acme-checkout";
+pub const ACME_PAYMENTS: &str = "acme-payments";
+pub const GLOBEX_CHECKOUT: &str = "globex-checkout";
+pub const GLOBEX_PAYMENTS: &str = "globex-payments";
+pub const AUDITOR: &str = "auditor";
+pub const ADMIN: &str = "admin";
+
+pub struct TestVault {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    pub layout: DevLayout,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), StartError>>>,
+}
+
+/// Loads the dev config of `root` with `overrides` applied as environment.
+pub fn dev_config(root: &Path, overrides: &[(&str, &str)]) -> Config {
+    let l = ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let env: HashMap<String, String> = overrides
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::load(&l.config(), &env).unwrap()
+}
+
+impl TestVault {
+    pub async fn start() -> Self {
+        Self::start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    /// Starts (or restarts) a vault on an existing data directory.
+    pub async fn start_in(dir: TempDir) -> Self {
+        Self::try_start_in(dir, &[])
+            .await
+            .map_err(|(_, e)| e)
+            .unwrap()
+    }
+
+    /// Like `start_in`, with environment overrides (e.g. `VAULT_KEK`), and
+    /// returning the start error (and the directory) instead of panicking.
+    pub async fn try_start_in(
+        dir: TempDir,
+        env: &[(&str, &str)],
+    ) -> Result<Self, (TempDir, StartError)> {
+        let cfg = dev_config(dir.path(), env);
+        let envmap: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let kek = match load_kek(&cfg, &envmap) {
+            Ok(k) => k,
+            Err(e) => return Err((dir, e)),
+        };
+        let vault = match open_vault(&cfg, kek).await {
+            Ok(v) => v,
+            Err(e) => return Err((dir, e)),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(listener, &cfg, vault, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let layout = DevLayout::new(dir.path());
+        Ok(Self {
+            dir,
+            addr,
+            layout,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn pki(&self, name: &str) -> ClientPki {
+        ClientPki::from_dev_dir(self.dir.path(), name).unwrap()
+    }
+
+    pub async fn client(&self, name: &str) -> Client {
+        connect(&self.url(), &self.pki(name)).await.unwrap()
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.layout.db()
+    }
+
+    /// Graceful stop: drains, flushes the writer, returns the data directory
+    /// for a restart.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Audit rows as (actor, action, outcome, token, purpose), oldest first,
+    /// read straight from the database.
+    pub fn audit_rows(&self) -> Vec<AuditRow> {
+        audit_rows(&self.db_path())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub actor: String,
+    pub tenant: Option<String>,
+    pub action: String,
+    pub outcome: String,
+    pub token: Option<Vec<u8>>,
+    pub purpose: Option<String>,
+    pub peer: Option<String>,
+    pub detail: Option<String>,
+}
+
+pub fn audit_rows(db: &Path) -> Vec<AuditRow> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut st = c
+        .prepare(
+            "SELECT seq, actor, tenant, action, outcome, token, purpose, peer, detail FROM audit ORDER BY seq",
+        )
+        .unwrap();
+    st.query_map([], |r| {
+        Ok(AuditRow {
+            seq: r.get(0)?,
+            actor: r.get(1)?,
+            tenant: r.get(2)?,
+            action: r.get(3)?,
+            outcome: r.get(4)?,
+            token: r.get(5)?,
+            purpose: r.get(6)?,
+            peer: r.get(7)?,
+            detail: r.get(8)?,
+        })
+    })
+    .unwrap()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap()
+}
+
+/// The identity URI of an example caller.
+pub fn identity(name: &str) -> &'static str {
+    tokenvault::devpki::DEV_CLIENTS
+        .iter()
+        .find(|c| c.name == name)
+        .map(|c| c.identity)
+        .unwrap()
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
