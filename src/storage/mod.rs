@@ -1,5 +1,6 @@
 //! Storage adapters implementing the core's [`crate::domain::Store`] port.
 
+pub mod conformance;
 pub mod sqlite;
 
 pub use sqlite::{SqliteOptions, SqliteStore};

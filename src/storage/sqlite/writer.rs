@@ -3,8 +3,10 @@
 //! It blocks for the first queued request, then takes every request already
 //! waiting (up to `max_batch`), applies them all in one `BEGIN IMMEDIATE`
 //! transaction, commits with one fsync, and only then answers each request.
-//! A request that breaks a constraint fails alone (SQLite aborts just that
-//! statement); any other error rolls the whole batch back and fails it.
+//! A request that is *rejected* (a constraint violation, or a row it needs is
+//! missing) fails alone: it has written nothing, and SQLite aborts only the
+//! failing statement. Any other error is *fatal*: the whole batch rolls back
+//! and every request in it fails, since storage can no longer be trusted.
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
@@ -97,6 +99,32 @@ pub fn run(
     info!("sqlite writer stopped");
 }
 
+/// Why one request in a batch failed.
+enum OpError {
+    /// This request alone fails; it wrote nothing.
+    Rejected(StoreError),
+    /// The batch must roll back.
+    Fatal(StoreError),
+}
+
+impl From<rusqlite::Error> for OpError {
+    fn from(e: rusqlite::Error) -> Self {
+        match map_err(e) {
+            StoreError::Conflict => Self::Rejected(StoreError::Conflict),
+            other => Self::Fatal(other),
+        }
+    }
+}
+
+/// For statements after the first of a request: by then something was
+/// written, so even a constraint violation cannot be failed alone.
+fn fatal(e: rusqlite::Error) -> OpError {
+    OpError::Fatal(match map_err(e) {
+        StoreError::Conflict => StoreError::Corrupt("constraint violated mid-request".into()),
+        other => other,
+    })
+}
+
 fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterState) {
     let saved_seq = state.next_seq;
     let outcome = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
@@ -106,9 +134,9 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterS
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter() {
             match apply(&tx, &job.op, state) {
-                Err(StoreError::Conflict) => results.push(Err(StoreError::Conflict)),
-                Err(e) => return Err(e),
                 Ok(d) => results.push(Ok(d)),
+                Err(OpError::Rejected(e)) => results.push(Err(e)),
+                Err(OpError::Fatal(e)) => return Err(e),
             }
         }
         tx.commit().map_err(map_err)?;
@@ -130,24 +158,22 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterS
     }
 }
 
-fn apply(tx: &Connection, op: &Op, state: &mut WriterState) -> Result<Done, StoreError> {
+fn apply(tx: &Connection, op: &Op, state: &mut WriterState) -> Result<Done, OpError> {
     match op {
         Op::PinKek(check, audit) => {
-            let mut st = tx
-                .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")
-                .map_err(map_err)?;
-            st.execute(params!["kek_id", check.kek_id.as_bytes()])
-                .map_err(map_err)?;
+            let mut st = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+            st.execute(params!["kek_id", check.kek_id.as_bytes()])?;
             st.execute(params!["kek_check", &check.check_blob])
-                .map_err(map_err)?;
-            append_audit(tx, audit, state).map(|_| Done::Unit)
+                .map_err(fatal)?;
+            append_audit(tx, audit, state).map_err(OpError::Fatal)?;
+            Ok(Done::Unit)
         }
         Op::InsertDek(d, audit) => {
             tx.prepare_cached(
                 "INSERT INTO deks (id, tenant, version, state, wrapped, kek_id, created_ms, reserved)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
-            .map_err(map_err)?
+            ?
             .execute(params![
                 d.id,
                 d.tenant,
@@ -158,19 +184,20 @@ fn apply(tx: &Connection, op: &Op, state: &mut WriterState) -> Result<Done, Stor
                 d.created_ms,
                 i64::try_from(d.reserved).unwrap_or(i64::MAX),
             ])
-            .map_err(map_err)?;
-            append_audit(tx, audit, state).map(|_| Done::Unit)
+            ?;
+            append_audit(tx, audit, state).map_err(OpError::Fatal)?;
+            Ok(Done::Unit)
         }
         Op::Reserve(id, reserved) => {
             let n = tx
-                .prepare_cached("UPDATE deks SET reserved = MAX(reserved, ?2) WHERE id = ?1")
-                .map_err(map_err)?
-                .execute(params![id, i64::try_from(*reserved).unwrap_or(i64::MAX)])
-                .map_err(map_err)?;
+                .prepare_cached("UPDATE deks SET reserved = MAX(reserved, ?2) WHERE id = ?1")?
+                .execute(params![id, i64::try_from(*reserved).unwrap_or(i64::MAX)])?;
             if n == 1 {
                 Ok(Done::Unit)
             } else {
-                Err(StoreError::Corrupt(format!("no data key {id}")))
+                Err(OpError::Rejected(StoreError::Corrupt(format!(
+                    "no data key {id}"
+                ))))
             }
         }
         Op::InsertToken(r, audit) => {
@@ -178,8 +205,7 @@ fn apply(tx: &Connection, op: &Op, state: &mut WriterState) -> Result<Done, Stor
                 "INSERT INTO tokens (token, tenant, dek_id, ciphertext, brand, bin, last4,
                                      pan_len, exp_month, exp_year, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )
-            .map_err(map_err)?
+            )?
             .execute(params![
                 &r.token.as_bytes()[..],
                 r.tenant,
@@ -192,24 +218,24 @@ fn apply(tx: &Connection, op: &Op, state: &mut WriterState) -> Result<Done, Stor
                 r.exp_month,
                 r.exp_year,
                 r.created_ms,
-            ])
-            .map_err(map_err)?;
-            append_audit(tx, audit, state).map(|_| Done::Unit)
+            ])?;
+            append_audit(tx, audit, state).map_err(OpError::Fatal)?;
+            Ok(Done::Unit)
         }
         Op::DeleteToken(token, tenant, audit) => {
             let n = tx
-                .prepare_cached("DELETE FROM tokens WHERE token = ?1 AND tenant = ?2")
-                .map_err(map_err)?
-                .execute(params![&token.as_bytes()[..], tenant])
-                .map_err(map_err)?;
+                .prepare_cached("DELETE FROM tokens WHERE token = ?1 AND tenant = ?2")?
+                .execute(params![&token.as_bytes()[..], tenant])?;
             let mut audit = audit.clone();
             if n == 0 {
                 audit.outcome = Outcome::failed("not_found");
             }
-            append_audit(tx, &audit, state)?;
+            append_audit(tx, &audit, state).map_err(OpError::Fatal)?;
             Ok(Done::Deleted(n > 0))
         }
-        Op::Audit(audit) => append_audit(tx, audit, state).map(Done::Seq),
+        Op::Audit(audit) => append_audit(tx, audit, state)
+            .map(Done::Seq)
+            .map_err(OpError::Fatal),
         Op::Close => Ok(Done::Unit),
     }
 }

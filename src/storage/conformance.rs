@@ -1,0 +1,368 @@
+//! The storage conformance suite: the [`Store`] port's written invariants as
+//! executable checks. Every backend runs all of them (see
+//! `tests/storage_conformance.rs`); a new backend is done when they pass.
+//!
+//! Checks return `Err(description)` instead of panicking so they can live in
+//! the library, next to the trait they specify.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::domain::audit::{AuditAction, AuditEvent, Outcome};
+use crate::domain::pan::CardBrand;
+use crate::domain::store::{DekState, KekCheck, Store, StoreError, TokenRecord, WrappedDek};
+use crate::domain::token::Token;
+
+/// Opens a backend. Calling `open` again after `close` must reopen the same
+/// database, so durability across restarts can be checked.
+pub trait Backend {
+    fn open(&self) -> impl Future<Output = Arc<dyn Store>>;
+}
+
+pub type CheckResult = Result<(), String>;
+
+fn ensure(cond: bool, what: impl Into<String>) -> CheckResult {
+    if cond { Ok(()) } else { Err(what.into()) }
+}
+
+fn ok<T>(r: Result<T, StoreError>, what: &str) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+pub fn token(n: u8) -> Token {
+    let mut b = [0u8; 22];
+    b[5] = n;
+    b[21] = n;
+    Token::from_bytes(b)
+}
+
+pub fn record(t: Token, tenant: &str) -> TokenRecord {
+    TokenRecord {
+        token: t,
+        tenant: tenant.into(),
+        dek_id: 1,
+        ciphertext: vec![1, 0, 0, 0, 1, 9, 9, 9],
+        brand: CardBrand::Visa,
+        bin: "41111111".into(),
+        last4: "1111".into(),
+        pan_len: 16,
+        exp_month: Some(12),
+        exp_year: Some(2030),
+        created_ms: 1_700_000_000_000,
+    }
+}
+
+pub fn event(action: AuditAction, t: Option<Token>) -> AuditEvent {
+    AuditEvent {
+        time_ms: 1_700_000_000_000,
+        actor: "spiffe://test/actor".into(),
+        tenant: Some("acme".into()),
+        action,
+        token: t,
+        outcome: Outcome::SUCCESS,
+        peer: Some("127.0.0.1:1".into()),
+        purpose: None,
+        detail: None,
+    }
+}
+
+fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
+    WrappedDek {
+        id,
+        tenant: tenant.into(),
+        version,
+        state: DekState::Active,
+        wrapped: vec![7; 61],
+        kek_id: "local:test".into(),
+        created_ms: 1,
+        reserved: 0,
+    }
+}
+
+async fn audit_all(s: &dyn Store) -> Result<Vec<crate::domain::AuditRecord>, String> {
+    ok(s.audit_after(0, 1_000_000).await, "audit_after")
+}
+
+/// A token and its audit event commit together and read back unchanged.
+pub async fn token_round_trip<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    let rec = record(token(1), "acme");
+    ok(
+        s.insert_token(rec.clone(), event(AuditAction::Tokenize, Some(rec.token)))
+            .await,
+        "insert_token",
+    )?;
+    let got = ok(s.get_token(&rec.token).await, "get_token")?;
+    ensure(got.as_ref() == Some(&rec), format!("read back {got:?}"))?;
+    ensure(
+        ok(s.get_token(&token(2)).await, "get_token")?.is_none(),
+        "missing token must read as None",
+    )?;
+    let audit = audit_all(&*s).await?;
+    ensure(
+        audit.len() == 1,
+        format!("one audit record, got {}", audit.len()),
+    )?;
+    ensure(
+        audit[0].action == "tokenize" && audit[0].token == Some(rec.token),
+        "audit record names action and token",
+    )
+}
+
+/// A duplicate token is a conflict, and its audit event is not recorded.
+pub async fn duplicate_token_conflicts<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    let rec = record(token(3), "acme");
+    ok(
+        s.insert_token(rec.clone(), event(AuditAction::Tokenize, None))
+            .await,
+        "first insert",
+    )?;
+    let second = s
+        .insert_token(rec.clone(), event(AuditAction::Tokenize, None))
+        .await;
+    ensure(
+        second == Err(StoreError::Conflict),
+        format!("second insert: {second:?}"),
+    )?;
+    let n = audit_all(&*s).await?.len();
+    ensure(
+        n == 1,
+        format!("conflicting insert must not audit ({n} records)"),
+    )
+}
+
+/// Audit sequence numbers are 1, 2, 3 … in commit order, with no gaps, and
+/// `audit_after` pages through them.
+pub async fn audit_sequence_is_gapless<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    for i in 0..25u8 {
+        let seq = ok(
+            s.append_audit(event(AuditAction::Detokenize, Some(token(i))))
+                .await,
+            "append_audit",
+        )?;
+        ensure(seq == u64::from(i) + 1, format!("seq {seq} for append {i}"))?;
+    }
+    let page = ok(s.audit_after(10, 5).await, "audit_after")?;
+    let seqs: Vec<u64> = page.iter().map(|r| r.seq).collect();
+    ensure(seqs == vec![11, 12, 13, 14, 15], format!("page {seqs:?}"))
+}
+
+/// Delete removes only the owning tenant's row; each attempt is audited,
+/// with `not_found` when nothing was deleted.
+pub async fn delete_is_tenant_scoped_and_audited<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    let t = token(4);
+    ok(
+        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+            .await,
+        "insert",
+    )?;
+    let wrong = ok(
+        s.delete_token(&t, "globex", event(AuditAction::DeleteToken, Some(t)))
+            .await,
+        "delete other tenant",
+    )?;
+    ensure(!wrong, "another tenant must not delete the row")?;
+    ensure(
+        ok(s.get_token(&t).await, "get")?.is_some(),
+        "row survives foreign delete",
+    )?;
+    let right = ok(
+        s.delete_token(&t, "acme", event(AuditAction::DeleteToken, Some(t)))
+            .await,
+        "delete",
+    )?;
+    ensure(right, "owner deletes the row")?;
+    ensure(ok(s.get_token(&t).await, "get")?.is_none(), "row is gone")?;
+    let outcomes: Vec<String> = audit_all(&*s)
+        .await?
+        .into_iter()
+        .map(|r| r.outcome)
+        .collect();
+    ensure(
+        outcomes == ["success", "not_found", "success"],
+        format!("outcomes {outcomes:?}"),
+    )
+}
+
+/// Wrapped DEKs store and load; ids and (tenant, version) are unique; the
+/// use reservation only ever rises.
+pub async fn deks_and_counters<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    ok(
+        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
+            .await,
+        "insert dek",
+    )?;
+    let dup_id = s
+        .insert_dek(&dek(1, "globex", 1), event(AuditAction::DekCreate, None))
+        .await;
+    ensure(
+        dup_id == Err(StoreError::Conflict),
+        format!("dup id: {dup_id:?}"),
+    )?;
+    let dup_ver = s
+        .insert_dek(&dek(2, "acme", 1), event(AuditAction::DekCreate, None))
+        .await;
+    ensure(
+        dup_ver == Err(StoreError::Conflict),
+        format!("dup version: {dup_ver:?}"),
+    )?;
+    ok(s.reserve_dek_uses(1, 1000).await, "reserve")?;
+    ok(s.reserve_dek_uses(1, 10).await, "lower reserve")?;
+    let deks = ok(s.load_deks().await, "load_deks")?;
+    ensure(deks.len() == 1, format!("{} deks", deks.len()))?;
+    let mut want = dek(1, "acme", 1);
+    want.reserved = 1000;
+    ensure(deks[0] == want, format!("loaded {:?}", deks[0]))?;
+    ensure(
+        s.reserve_dek_uses(99, 1).await.is_err(),
+        "reserving an unknown key must fail",
+    )?;
+    let n = audit_all(&*s).await?.len();
+    ensure(n == 1, format!("only the stored key is audited ({n})"))
+}
+
+/// The KEK pin is absent on a new store, set once, and never replaced.
+pub async fn kek_pin_is_set_once<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    ensure(
+        ok(s.kek_check().await, "kek_check")?.is_none(),
+        "new store has no pin",
+    )?;
+    let pin = KekCheck {
+        kek_id: "local:abc".into(),
+        check_blob: vec![1, 2, 3],
+    };
+    ok(
+        s.pin_kek(&pin, event(AuditAction::KekInit, None)).await,
+        "pin",
+    )?;
+    ensure(
+        ok(s.kek_check().await, "kek_check")?.as_ref() == Some(&pin),
+        "pin reads back",
+    )?;
+    let other = KekCheck {
+        kek_id: "local:def".into(),
+        check_blob: vec![4],
+    };
+    let again = s.pin_kek(&other, event(AuditAction::KekInit, None)).await;
+    ensure(
+        again == Err(StoreError::Conflict),
+        format!("re-pin: {again:?}"),
+    )?;
+    ensure(
+        ok(s.kek_check().await, "kek_check")?.as_ref() == Some(&pin),
+        "pin unchanged",
+    )
+}
+
+/// Many concurrent writers all succeed and get distinct, gapless sequence
+/// numbers (group commit must not lose or duplicate anything).
+pub async fn concurrent_writes_all_commit<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut raw = [0u8; 22];
+            raw[..4].copy_from_slice(&i.to_be_bytes());
+            raw[21] = 0xAA;
+            let t = Token::from_bytes(raw);
+            if i % 2 == 0 {
+                s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+                    .await
+                    .map(|_| ())
+            } else {
+                s.append_audit(event(AuditAction::Detokenize, Some(t)))
+                    .await
+                    .map(|_| ())
+            }
+        }));
+    }
+    for t in tasks {
+        let res = t.await.map_err(|e| format!("writer task: {e}"))?;
+        ok(res, "write")?;
+    }
+    let seqs: Vec<u64> = audit_all(&*s).await?.iter().map(|r| r.seq).collect();
+    ensure(
+        seqs == (1..=200).collect::<Vec<u64>>(),
+        format!("{} records, not 1..=200 in order", seqs.len()),
+    )
+}
+
+/// What was acknowledged survives close and reopen; writes after close fail.
+pub async fn acknowledged_writes_survive_reopen<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    let t = token(9);
+    ok(
+        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+            .await,
+        "insert",
+    )?;
+    ok(s.close().await, "close")?;
+    let after = s.append_audit(event(AuditAction::Detokenize, None)).await;
+    ensure(
+        matches!(after, Err(StoreError::Unavailable(_))),
+        format!("write after close: {after:?}"),
+    )?;
+    drop(s);
+    let s = b.open().await;
+    ensure(
+        ok(s.get_token(&t).await, "get")?.is_some(),
+        "token survives",
+    )?;
+    let seq = ok(
+        s.append_audit(event(AuditAction::Detokenize, None)).await,
+        "append",
+    )?;
+    ensure(
+        seq == 2,
+        format!("sequence continues after reopen (got {seq})"),
+    )
+}
+
+/// A request that is rejected (duplicate token, unknown key) fails alone:
+/// writes committed alongside it in the same group commit still succeed.
+pub async fn rejected_request_fails_alone<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    let dup = token(42);
+    ok(
+        s.insert_token(record(dup, "acme"), event(AuditAction::Tokenize, Some(dup)))
+            .await,
+        "seed",
+    )?;
+    let mut tasks = Vec::new();
+    for i in 0..60u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            match i % 3 {
+                0 => s.reserve_dek_uses(9999, 10).await.err(),
+                1 => s
+                    .insert_token(record(dup, "acme"), event(AuditAction::Tokenize, Some(dup)))
+                    .await
+                    .err(),
+                _ => s
+                    .append_audit(event(AuditAction::Detokenize, None))
+                    .await
+                    .err(),
+            }
+            .map(|e| (i, e))
+        }));
+    }
+    for t in tasks {
+        let failure = t.await.map_err(|e| format!("task: {e}"))?;
+        match failure {
+            None => {}
+            Some((i, _)) if i % 3 != 2 => {}
+            Some((i, e)) => return Err(format!("innocent write {i} failed: {e}")),
+        }
+    }
+    let n = audit_all(&*s).await?.len();
+    ensure(
+        n == 21,
+        format!("seed + 20 appends expected, got {n} records"),
+    )
+}
