@@ -1,4 +1,5 @@
 //! Runs the storage conformance suite (`tokenvault::storage::conformance`)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! against every backend: today SQLite on a real file in a temp directory.
 
 use std::path::PathBuf;
