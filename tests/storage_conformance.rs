@@ -1,6 +1,6 @@
 //! Runs the storage conformance suite (`tokenvault::storage::conformance`)
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! against every backend: today SQLite on a real file in a temp directory.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
