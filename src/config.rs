@@ -39,12 +39,54 @@ pub struct TlsConfig {
     pub client_ca: PathBuf,
 }
 
-/// Where the KEK comes from. The environment variable `VAULT_KEK` (base64)
-/// wins over `file` when set, so the key need never touch disk.
+/// Where the KEK comes from.
+///
+/// - `file` (default): a key file; the environment variable `VAULT_KEK`
+///   (base64) wins over it when set, so the key need never touch disk.
+/// - `hsm`: a non-extractable AES-256 key in a PKCS#11 token; the PIN is read
+///   from the environment variable named by `kek.hsm.pin_env`.
+/// - `shamir`: split knowledge. The vault starts sealed and opens once
+///   `kek.shamir.threshold` custodians have each submitted a share.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KekConfig {
+    #[serde(default)]
+    pub source: KekSource,
     pub file: Option<PathBuf>,
+    pub hsm: Option<HsmConfig>,
+    pub shamir: Option<ShamirConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KekSource {
+    #[default]
+    File,
+    Hsm,
+    Shamir,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    pub token_label: String,
+    pub key_label: String,
+    /// Name of the environment variable holding the user PIN.
+    #[serde(default = "default_pin_env")]
+    pub pin_env: String,
+}
+
+fn default_pin_env() -> String {
+    "VAULT_HSM_PIN".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShamirConfig {
+    /// Shares needed to reconstruct the KEK.
+    pub threshold: u8,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +301,24 @@ impl Config {
         }
         if self.limits.request_timeout_ms == 0 {
             return bad("limits.request_timeout_ms must be at least 1".into());
+        }
+        match self.kek.source {
+            KekSource::File => {}
+            KekSource::Hsm => {
+                let Some(h) = &self.kek.hsm else {
+                    return bad("kek.source = \"hsm\" needs a [kek.hsm] section".into());
+                };
+                if h.token_label.is_empty() || h.key_label.is_empty() {
+                    return bad("kek.hsm: token_label and key_label must not be empty".into());
+                }
+            }
+            KekSource::Shamir => match &self.kek.shamir {
+                Some(s) if s.threshold >= 2 => {}
+                Some(_) => return bad("kek.shamir.threshold must be at least 2".into()),
+                None => {
+                    return bad("kek.source = \"shamir\" needs a [kek.shamir] section".into());
+                }
+            },
         }
         self.grants()?;
         Ok(())

@@ -85,6 +85,41 @@ enum KeysCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Generate a new non-extractable AES-256 KEK inside a PKCS#11 token.
+    /// The user PIN is read from VAULT_HSM_PIN.
+    HsmGenerate(HsmArgs),
+    /// Show an HSM key's attributes (never its value): the HSM inventory
+    /// entry PCI DSS 3.6.1.1 asks for. The PIN is read from VAULT_HSM_PIN.
+    HsmInfo(HsmArgs),
+}
+
+#[derive(clap::Args)]
+struct HsmArgs {
+    /// PKCS#11 module.
+    #[arg(
+        long,
+        env = "VAULT_HSM_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
+    module: PathBuf,
+    #[arg(long)]
+    token_label: String,
+    #[arg(long)]
+    key_label: String,
+}
+
+impl HsmArgs {
+    fn settings(&self) -> Result<tokenvault::crypto::hsm::HsmSettings, String> {
+        let pin = std::env::var("VAULT_HSM_PIN")
+            .map(Zeroizing::new)
+            .map_err(|_| "set the HSM user PIN in VAULT_HSM_PIN".to_string())?;
+        Ok(tokenvault::crypto::hsm::HsmSettings {
+            module: self.module.clone(),
+            token_label: self.token_label.clone(),
+            key_label: self.key_label.clone(),
+            pin,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -133,6 +168,36 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => {
             LocalKek::generate_file(&out).map_err(|e| e.to_string())?;
             println!("wrote a new KEK to {} (mode 0600)", out.display());
+            Ok(())
+        }
+        Cmd::Keys {
+            cmd: KeysCmd::HsmGenerate(args),
+        } => {
+            use tokenvault::crypto::kek::Kek;
+            let kek = tokenvault::crypto::hsm::HsmKek::generate(&args.settings()?)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "generated HSM key {:?}: kek id {}",
+                args.key_label,
+                kek.id()
+            );
+            Ok(())
+        }
+        Cmd::Keys {
+            cmd: KeysCmd::HsmInfo(args),
+        } => {
+            let i = tokenvault::crypto::hsm::HsmKek::describe(&args.settings()?)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "token: {}\nkey label: {}\nkey id: {}\nvalue length: {}\nsensitive: {}\nextractable: {}\nnever extractable: {}",
+                i.token_label,
+                i.key_label,
+                i.key_id_hex,
+                i.value_len,
+                i.sensitive,
+                i.extractable,
+                i.never_extractable
+            );
             Ok(())
         }
     }

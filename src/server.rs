@@ -13,7 +13,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-use crate::config::{Config, Env};
+use crate::config::{Config, Env, KekSource};
+use crate::crypto::hsm::{HsmKek, HsmSettings};
 use crate::crypto::kek::{Kek, LocalKek};
 use crate::domain::{Vault, VaultSettings};
 use crate::proto::token_service_server::TokenServiceServer;
@@ -46,8 +47,23 @@ pub enum StartError {
     Serve(String),
 }
 
-/// Loads the KEK: `VAULT_KEK` (base64) if set, else the configured file.
+/// Loads the KEK from the configured source. For `file`: `VAULT_KEK`
+/// (base64) if set, else the key file. For `hsm`: the key object in the
+/// token, logging in with the PIN from the environment.
 pub fn load_kek(cfg: &Config, env: &dyn Env) -> Result<Arc<dyn Kek>, StartError> {
+    match cfg.kek.source {
+        KekSource::File => {}
+        KekSource::Hsm => {
+            let settings = hsm_settings(cfg, env)?;
+            let kek = HsmKek::open(&settings).map_err(|e| StartError::Kek(format!("HSM: {e}")))?;
+            return Ok(Arc::new(kek));
+        }
+        KekSource::Shamir => {
+            return Err(StartError::Kek(
+                "a split-knowledge KEK is never loaded at start: the vault starts sealed".into(),
+            ));
+        }
+    }
     if let Some(text) = env.get("VAULT_KEK").map(Zeroizing::new) {
         let kek =
             LocalKek::from_base64(&text).map_err(|e| StartError::Kek(format!("VAULT_KEK: {e}")))?;
@@ -61,6 +77,25 @@ pub fn load_kek(cfg: &Config, env: &dyn Env) -> Result<Arc<dyn Kek>, StartError>
     Ok(Arc::new(
         LocalKek::from_file(path).map_err(|e| StartError::Kek(e.to_string()))?,
     ))
+}
+
+/// The HSM settings of `cfg`, with the PIN from the environment.
+pub fn hsm_settings(cfg: &Config, env: &dyn Env) -> Result<HsmSettings, StartError> {
+    let Some(h) = &cfg.kek.hsm else {
+        return Err(StartError::Kek("kek.hsm is not configured".into()));
+    };
+    let pin = env.get(&h.pin_env).map(Zeroizing::new).ok_or_else(|| {
+        StartError::Kek(format!(
+            "HSM PIN: environment variable {} is not set",
+            h.pin_env
+        ))
+    })?;
+    Ok(HsmSettings {
+        module: h.module.clone(),
+        token_label: h.token_label.clone(),
+        key_label: h.key_label.clone(),
+        pin,
+    })
 }
 
 /// Opens the store and the vault. Refuses to start with the wrong KEK.

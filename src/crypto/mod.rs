@@ -3,6 +3,7 @@
 //! keys. All key material lives in zeroizing types and never prints.
 
 pub mod envelope;
+pub mod hsm;
 pub mod kek;
 pub mod keyring;
 
