@@ -30,7 +30,7 @@ impl KeyBytes {
         &self.0
     }
 
-    fn from_slice(b: &[u8]) -> Result<Self, CryptoError> {
+    pub(crate) fn from_slice(b: &[u8]) -> Result<Self, CryptoError> {
         let mut k = Zeroizing::new([0u8; 32]);
         if b.len() != 32 {
             return Err(CryptoError::Key(format!(
