@@ -198,6 +198,7 @@ impl KeyRing {
             kek_id: self.kek.id().to_owned(),
             created_ms: now_ms,
             reserved: 0,
+            tokens: 0,
         };
         Ok((dk, w))
     }

@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod hsm;
 pub mod kek;
 pub mod keyring;
+pub mod shamir;
 
 use thiserror::Error;
 

@@ -29,6 +29,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The request is refused as the data stands (e.g. destroying a key
+    /// that tokens still reference). Nothing was written.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// A tokenized card as stored: ciphertext plus the metadata PCI DSS 3.4.1
@@ -72,6 +76,9 @@ pub struct WrappedDek {
     pub created_ms: i64,
     /// Encryptions reserved so far; every one up to this may have been used.
     pub reserved: u64,
+    /// Tokens whose ciphertext is under this key, maintained by the store
+    /// (ignored on insert).
+    pub tokens: u64,
 }
 
 impl std::fmt::Debug for WrappedDek {
@@ -83,6 +90,7 @@ impl std::fmt::Debug for WrappedDek {
             .field("state", &self.state)
             .field("kek_id", &self.kek_id)
             .field("reserved", &self.reserved)
+            .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +118,75 @@ impl DekState {
             "destroyed" => Some(Self::Destroyed),
             _ => None,
         }
+    }
+}
+
+/// A background job's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Completed,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "running" => Some(Self::Running),
+            "completed" => Some(Self::Completed),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A re-encryption job as stored: enough to show progress and to resume
+/// from its checkpoint after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: u64,
+    pub tenant: String,
+    pub state: JobState,
+    /// Tokens under decrypt-only keys when the job started.
+    pub total: u64,
+    /// Tokens re-encrypted so far.
+    pub done: u64,
+    /// The last token examined; the scan resumes after it.
+    pub checkpoint: Option<Token>,
+    /// Completed passes over the table (a pass may find late arrivals).
+    pub passes: u32,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub actor: String,
+    pub reason: String,
+    pub error: Option<String>,
+}
+
+/// One token re-sealed under a new key; applied only if the row still has
+/// its old key (a concurrent delete or re-encryption wins).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Reencrypted {
+    pub token: Token,
+    pub old_dek: u32,
+    pub new_dek: u32,
+    pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for Reencrypted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reencrypted")
+            .field("token", &self.token)
+            .field("old_dek", &self.old_dek)
+            .field("new_dek", &self.new_dek)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,6 +230,61 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, event: AuditEvent) -> Result<u64, StoreError>;
     /// Audit records with `seq > after`, oldest first, at most `limit`.
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Adds `new` as its tenant's active DEK and turns `retire` (if any) to
+    /// decrypt-only, in one commit with `audit`.
+    async fn rotate_dek(
+        &self,
+        new: &WrappedDek,
+        retire: Option<u32>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Destroys a decrypt-only DEK: its wrapped key is erased and its state
+    /// becomes `destroyed`. `Precondition` if any token still references it
+    /// or it is active.
+    async fn destroy_dek(&self, id: u32, audit: AuditEvent) -> Result<(), StoreError>;
+    /// Crypto-shredding: destroys every DEK of `tenant`, referenced or not.
+    /// Returns the ids destroyed.
+    async fn shred_tenant(&self, tenant: &str, audit: AuditEvent) -> Result<Vec<u32>, StoreError>;
+    /// KEK rotation: replaces the wrapped form of the listed DEKs and the KEK
+    /// pin in one commit. `Precondition` unless the list covers every
+    /// undestroyed DEK.
+    async fn rewrap_deks(
+        &self,
+        pin: &KekCheck,
+        rewrapped: Vec<(u32, Vec<u8>)>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// Tokens of `tenant` after `after`, in token order, at most `limit`.
+    async fn scan_tokens(
+        &self,
+        tenant: &str,
+        after: Option<Token>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Starts a job, in one commit with its audit event; returns its id.
+    async fn create_job(&self, job: &JobRecord, audit: AuditEvent) -> Result<u64, StoreError>;
+    async fn get_job(&self, id: u64) -> Result<Option<JobRecord>, StoreError>;
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Applies re-encrypted rows (each only if still under its old key) and
+    /// advances the job's checkpoint and counters, in one commit. Returns
+    /// how many rows were applied. `checkpoint: None` starts a new pass.
+    async fn reencrypt_batch(
+        &self,
+        job_id: u64,
+        rows: Vec<Reencrypted>,
+        checkpoint: Option<Token>,
+    ) -> Result<u64, StoreError>;
+    /// Ends a job, in one commit with its audit event.
+    async fn finish_job(
+        &self,
+        id: u64,
+        state: JobState,
+        error: Option<String>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// Finishes queued writes and flushes. Later writes fail.
     async fn close(&self) -> Result<(), StoreError>;

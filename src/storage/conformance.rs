@@ -76,6 +76,7 @@ fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
         kek_id: "local:test".into(),
         created_ms: 1,
         reserved: 0,
+        tokens: 0,
     }
 }
 

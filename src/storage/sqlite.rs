@@ -25,9 +25,13 @@ use tracing::{debug, error};
 
 use crate::domain::audit::{AuditEvent, AuditRecord};
 use crate::domain::pan::CardBrand;
-use crate::domain::store::{DekState, KekCheck, Store, StoreError, TokenRecord, WrappedDek};
+use crate::domain::store::{
+    DekState, JobRecord, JobState, KekCheck, Reencrypted, Store, StoreError, TokenRecord,
+    WrappedDek,
+};
 use crate::domain::token::Token;
 
+mod ops;
 mod schema;
 mod writer;
 
@@ -201,6 +205,32 @@ fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     })
 }
 
+const JOB_COLUMNS: &str = "SELECT id, tenant, state, total, done, checkpoint, passes, created_ms,
+            updated_ms, actor, reason, error FROM jobs";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    let state: String = r.get(2)?;
+    let checkpoint: Option<Vec<u8>> = r.get(5)?;
+    let u =
+        |i: usize| -> rusqlite::Result<u64> { Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0)) };
+    Ok(JobRecord {
+        id: u(0)?,
+        tenant: r.get(1)?,
+        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+        total: u(3)?,
+        done: u(4)?,
+        checkpoint: checkpoint
+            .and_then(|t| <[u8; 22]>::try_from(t).ok())
+            .map(Token::from_bytes),
+        passes: r.get(6)?,
+        created_ms: r.get(7)?,
+        updated_ms: r.get(8)?,
+        actor: r.get(9)?,
+        reason: r.get(10)?,
+        error: r.get(11)?,
+    })
+}
+
 fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     let token: Option<Vec<u8>> = r.get(5)?;
     Ok(AuditRecord {
@@ -249,7 +279,8 @@ impl Store for SqliteStore {
     async fn load_deks(&self) -> Result<Vec<WrappedDek>, StoreError> {
         let rows = self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, tenant, version, state, wrapped, kek_id, created_ms, reserved
+                "SELECT id, tenant, version, state, wrapped, kek_id, created_ms, reserved,
+                        token_count
                  FROM deks ORDER BY id",
             )?;
             let rows = st.query_map([], |r| {
@@ -262,13 +293,14 @@ impl Store for SqliteStore {
                     r.get::<_, String>(5)?,
                     r.get::<_, i64>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, i64>(8)?,
                 ))
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
         rows.into_iter()
             .map(
-                |(id, tenant, version, state, wrapped, kek_id, created_ms, reserved)| {
+                |(id, tenant, version, state, wrapped, kek_id, created_ms, reserved, count)| {
                     Ok(WrappedDek {
                         id,
                         tenant,
@@ -280,6 +312,8 @@ impl Store for SqliteStore {
                         created_ms,
                         reserved: u64::try_from(reserved)
                             .map_err(|_| StoreError::Corrupt(format!("dek {id} counter")))?,
+                        tokens: u64::try_from(count)
+                            .map_err(|_| StoreError::Corrupt(format!("dek {id} token count")))?,
                     })
                 },
             )
@@ -347,6 +381,117 @@ impl Store for SqliteStore {
             let rows = st.query_map(params![after, limit], audit_from_row)?;
             rows.collect()
         })
+    }
+
+    async fn rotate_dek(
+        &self,
+        new: &WrappedDek,
+        retire: Option<u32>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.write(Op::RotateDek(Box::new(new.clone()), retire, audit))
+            .await
+            .map(|_| ())
+    }
+
+    async fn destroy_dek(&self, id: u32, audit: AuditEvent) -> Result<(), StoreError> {
+        self.write(Op::DestroyDek(id, audit)).await.map(|_| ())
+    }
+
+    async fn shred_tenant(&self, tenant: &str, audit: AuditEvent) -> Result<Vec<u32>, StoreError> {
+        match self
+            .write(Op::ShredTenant(tenant.to_owned(), audit))
+            .await?
+        {
+            Done::Ids(ids) => Ok(ids),
+            _ => Err(unavailable("unexpected writer reply")),
+        }
+    }
+
+    async fn rewrap_deks(
+        &self,
+        pin: &KekCheck,
+        rewrapped: Vec<(u32, Vec<u8>)>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.write(Op::RewrapDeks(pin.clone(), rewrapped, audit))
+            .await
+            .map(|_| ())
+    }
+
+    async fn scan_tokens(
+        &self,
+        tenant: &str,
+        after: Option<Token>,
+        limit: usize,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        let after = after.map(|t| t.as_bytes().to_vec()).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT token, tenant, dek_id, ciphertext, brand, bin, last4, pan_len,
+                        exp_month, exp_year, created_ms
+                 FROM tokens WHERE token > ?1 AND tenant = ?2 ORDER BY token LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![after, tenant, limit], token_from_row)?;
+            rows.collect()
+        })
+    }
+
+    async fn create_job(&self, job: &JobRecord, audit: AuditEvent) -> Result<u64, StoreError> {
+        match self
+            .write(Op::CreateJob(Box::new(job.clone()), audit))
+            .await?
+        {
+            Done::Seq(id) => Ok(id),
+            _ => Err(unavailable("unexpected writer reply")),
+        }
+    }
+
+    async fn get_job(&self, id: u64) -> Result<Option<JobRecord>, StoreError> {
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        self.read(|c| {
+            c.prepare_cached(&format!("{JOB_COLUMNS} WHERE id = ?1"))?
+                .query_row(params![id], job_from_row)
+                .optional()
+        })
+    }
+
+    async fn running_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "{JOB_COLUMNS} WHERE state = 'running' ORDER BY id"
+            ))?;
+            let rows = st.query_map([], job_from_row)?;
+            rows.collect()
+        })
+    }
+
+    async fn reencrypt_batch(
+        &self,
+        job_id: u64,
+        rows: Vec<Reencrypted>,
+        checkpoint: Option<Token>,
+    ) -> Result<u64, StoreError> {
+        match self
+            .write(Op::ReencryptBatch(job_id, rows, checkpoint))
+            .await?
+        {
+            Done::Count(n) => Ok(n),
+            _ => Err(unavailable("unexpected writer reply")),
+        }
+    }
+
+    async fn finish_job(
+        &self,
+        id: u64,
+        state: JobState,
+        error: Option<String>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.write(Op::FinishJob(id, state, error, audit))
+            .await
+            .map(|_| ())
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -60,6 +60,28 @@ const MIGRATIONS: &[&str] = &[
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;",
+    // v2: key lifecycle. Each key counts the tokens under it (kept by the
+    // writer, per batch), so "destroy only when nothing references it" needs
+    // no index on the hot insert path; re-encryption jobs resume from a
+    // checkpoint.
+    "ALTER TABLE deks ADD COLUMN token_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE deks SET token_count = (SELECT count(*) FROM tokens t WHERE t.dek_id = deks.id);
+
+    CREATE TABLE jobs (
+        id         INTEGER PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        tenant     TEXT NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('running', 'completed', 'failed')),
+        total      INTEGER NOT NULL,
+        done       INTEGER NOT NULL DEFAULT 0,
+        checkpoint BLOB,
+        passes     INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        actor      TEXT NOT NULL,
+        reason     TEXT NOT NULL,
+        error      TEXT
+    );",
 ];
 
 /// Brings the database to the newest schema, one transaction per version.

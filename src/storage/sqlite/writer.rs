@@ -3,18 +3,23 @@
 //! It blocks for the first queued request, then takes every request already
 //! waiting (up to `max_batch`), applies them all in one `BEGIN IMMEDIATE`
 //! transaction, commits with one fsync, and only then answers each request.
-//! A request that is *rejected* (a constraint violation, or a row it needs is
-//! missing) fails alone: it has written nothing, and SQLite aborts only the
-//! failing statement. Any other error is *fatal*: the whole batch rolls back
-//! and every request in it fails, since storage can no longer be trusted.
+//! A request that is *rejected* (a constraint violation, a precondition, a
+//! row it needs is missing) fails alone: it has written nothing. Any other
+//! error is *fatal*: the whole batch rolls back and every request in it
+//! fails, since storage can no longer be trusted.
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::map_err;
-use crate::domain::audit::{AuditEvent, Outcome};
-use crate::domain::store::{KekCheck, StoreError, TokenRecord, WrappedDek};
+use super::ops::{self, OpError};
+use crate::domain::audit::AuditEvent;
+use crate::domain::store::{
+    JobRecord, JobState, KekCheck, Reencrypted, StoreError, TokenRecord, WrappedDek,
+};
 use crate::domain::token::Token;
 
 pub enum Op {
@@ -24,8 +29,26 @@ pub enum Op {
     InsertToken(Box<TokenRecord>, AuditEvent),
     DeleteToken(Token, String, AuditEvent),
     Audit(AuditEvent),
+    RotateDek(Box<WrappedDek>, Option<u32>, AuditEvent),
+    DestroyDek(u32, AuditEvent),
+    ShredTenant(String, AuditEvent),
+    RewrapDeks(KekCheck, Vec<(u32, Vec<u8>)>, AuditEvent),
+    CreateJob(Box<JobRecord>, AuditEvent),
+    ReencryptBatch(u64, Vec<Reencrypted>, Option<Token>),
+    FinishJob(u64, JobState, Option<String>, AuditEvent),
     /// Finish what is queued before this, checkpoint, and stop.
     Close,
+}
+
+impl Op {
+    /// Ops that erase data: after their commit the WAL is checkpointed and
+    /// truncated, so the erased rows' old page images do not linger there.
+    fn erases(&self) -> bool {
+        matches!(
+            self,
+            Op::DeleteToken(..) | Op::DestroyDek(..) | Op::ShredTenant(..) | Op::RewrapDeks(..)
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -33,6 +56,8 @@ pub enum Done {
     Unit,
     Seq(u64),
     Deleted(bool),
+    Ids(Vec<u32>),
+    Count(u64),
 }
 
 pub struct Job {
@@ -40,20 +65,49 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
-/// What the writer keeps between batches: the next audit sequence number.
-/// Held here rather than left to SQLite so that the hash chain (computed in
-/// this same ordered path) and the sequence can never disagree.
+/// What the writer keeps between batches. The audit sequence is held here
+/// rather than left to SQLite so that the hash chain (computed in this same
+/// ordered path) and the sequence can never disagree.
 pub struct WriterState {
-    next_seq: u64,
+    pub next_seq: u64,
+    /// Destroyed data keys: nothing may be written under them again.
+    pub destroyed: HashSet<u32>,
 }
 
 impl WriterState {
     pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
         let max: i64 =
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+        let mut st = conn.prepare("SELECT id FROM deks WHERE state = 'destroyed'")?;
+        let destroyed = st
+            .query_map([], |r| r.get::<_, u32>(0))?
+            .collect::<rusqlite::Result<HashSet<u32>>>()?;
         Ok(Self {
             next_seq: u64::try_from(max).unwrap_or(0) + 1,
+            destroyed,
         })
+    }
+}
+
+/// What one batch changes beyond its SQL, applied to the writer state only
+/// if the batch commits.
+pub struct BatchCtx<'a> {
+    pub state: &'a WriterState,
+    pub next_seq: u64,
+    /// Per-key change in the number of tokens under it, written once per key
+    /// per batch instead of once per token.
+    pub token_deltas: HashMap<u32, i64>,
+    pub newly_destroyed: Vec<u32>,
+    pub erased: bool,
+}
+
+impl BatchCtx<'_> {
+    pub fn is_destroyed(&self, id: u32) -> bool {
+        self.state.destroyed.contains(&id) || self.newly_destroyed.contains(&id)
+    }
+
+    pub fn pending_delta(&self, id: u32) -> i64 {
+        self.token_deltas.get(&id).copied().unwrap_or(0)
     }
 }
 
@@ -85,7 +139,9 @@ pub fn run(
                     .send(Err(StoreError::Unavailable("store is closed".into())));
             }
         }
-        commit_batch(&mut conn, &mut batch, &mut state);
+        if commit_batch(&mut conn, &mut batch, &mut state) {
+            truncate_wal(&conn);
+        }
     }
     rx.close();
     while let Ok(late) = rx.try_recv() {
@@ -93,182 +149,60 @@ pub fn run(
             .reply
             .send(Err(StoreError::Unavailable("store is closed".into())));
     }
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-        error!(error = %e, "final WAL checkpoint failed");
-    }
+    truncate_wal(&conn);
     info!("sqlite writer stopped");
 }
 
-/// Why one request in a batch failed.
-enum OpError {
-    /// This request alone fails; it wrote nothing.
-    Rejected(StoreError),
-    /// The batch must roll back.
-    Fatal(StoreError),
-}
-
-impl From<rusqlite::Error> for OpError {
-    fn from(e: rusqlite::Error) -> Self {
-        match map_err(e) {
-            StoreError::Conflict => Self::Rejected(StoreError::Conflict),
-            other => Self::Fatal(other),
-        }
+fn truncate_wal(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        warn!(error = %e, "WAL checkpoint failed");
     }
 }
 
-/// For statements after the first of a request: by then something was
-/// written, so even a constraint violation cannot be failed alone.
-fn fatal(e: rusqlite::Error) -> OpError {
-    OpError::Fatal(match map_err(e) {
-        StoreError::Conflict => StoreError::Corrupt("constraint violated mid-request".into()),
-        other => other,
-    })
-}
-
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterState) {
-    let saved_seq = state.next_seq;
-    let outcome = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+/// Commits one batch and answers its requests. Returns whether the batch
+/// erased data.
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterState) -> bool {
+    let outcome = (|| {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(map_err)?;
+        let mut ctx = BatchCtx {
+            state,
+            next_seq: state.next_seq,
+            token_deltas: HashMap::new(),
+            newly_destroyed: Vec::new(),
+            erased: false,
+        };
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter() {
-            match apply(&tx, &job.op, state) {
-                Ok(d) => results.push(Ok(d)),
+            match ops::apply(&tx, &job.op, &mut ctx) {
+                Ok(d) => {
+                    ctx.erased |= job.op.erases();
+                    results.push(Ok(d));
+                }
                 Err(OpError::Rejected(e)) => results.push(Err(e)),
                 Err(OpError::Fatal(e)) => return Err(e),
             }
         }
+        ops::apply_token_deltas(&tx, &ctx.token_deltas).map_err(map_err)?;
         tx.commit().map_err(map_err)?;
-        Ok(results)
+        Ok((results, ctx.next_seq, ctx.newly_destroyed, ctx.erased))
     })();
     match outcome {
-        Ok(results) => {
+        Ok((results, next_seq, destroyed, erased)) => {
+            state.next_seq = next_seq;
+            state.destroyed.extend(destroyed);
             for (job, res) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(res);
             }
+            erased
         }
         Err(e) => {
             error!(error = %e, jobs = batch.len(), "batch rolled back");
-            state.next_seq = saved_seq;
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(e.clone()));
             }
+            false
         }
     }
-}
-
-fn apply(tx: &Connection, op: &Op, state: &mut WriterState) -> Result<Done, OpError> {
-    match op {
-        Op::PinKek(check, audit) => {
-            let mut st = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
-            st.execute(params!["kek_id", check.kek_id.as_bytes()])?;
-            st.execute(params!["kek_check", &check.check_blob])
-                .map_err(fatal)?;
-            append_audit(tx, audit, state).map_err(OpError::Fatal)?;
-            Ok(Done::Unit)
-        }
-        Op::InsertDek(d, audit) => {
-            tx.prepare_cached(
-                "INSERT INTO deks (id, tenant, version, state, wrapped, kek_id, created_ms, reserved)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            ?
-            .execute(params![
-                d.id,
-                d.tenant,
-                d.version,
-                d.state.as_str(),
-                d.wrapped,
-                d.kek_id,
-                d.created_ms,
-                i64::try_from(d.reserved).unwrap_or(i64::MAX),
-            ])
-            ?;
-            append_audit(tx, audit, state).map_err(OpError::Fatal)?;
-            Ok(Done::Unit)
-        }
-        Op::Reserve(id, reserved) => {
-            let n = tx
-                .prepare_cached("UPDATE deks SET reserved = MAX(reserved, ?2) WHERE id = ?1")?
-                .execute(params![id, i64::try_from(*reserved).unwrap_or(i64::MAX)])?;
-            if n == 1 {
-                Ok(Done::Unit)
-            } else {
-                Err(OpError::Rejected(StoreError::Corrupt(format!(
-                    "no data key {id}"
-                ))))
-            }
-        }
-        Op::InsertToken(r, audit) => {
-            tx.prepare_cached(
-                "INSERT INTO tokens (token, tenant, dek_id, ciphertext, brand, bin, last4,
-                                     pan_len, exp_month, exp_year, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?
-            .execute(params![
-                &r.token.as_bytes()[..],
-                r.tenant,
-                r.dek_id,
-                r.ciphertext,
-                r.brand.as_str(),
-                r.bin,
-                r.last4,
-                r.pan_len,
-                r.exp_month,
-                r.exp_year,
-                r.created_ms,
-            ])?;
-            append_audit(tx, audit, state).map_err(OpError::Fatal)?;
-            Ok(Done::Unit)
-        }
-        Op::DeleteToken(token, tenant, audit) => {
-            let n = tx
-                .prepare_cached("DELETE FROM tokens WHERE token = ?1 AND tenant = ?2")?
-                .execute(params![&token.as_bytes()[..], tenant])?;
-            let mut audit = audit.clone();
-            if n == 0 {
-                audit.outcome = Outcome::failed("not_found");
-            }
-            append_audit(tx, &audit, state).map_err(OpError::Fatal)?;
-            Ok(Done::Deleted(n > 0))
-        }
-        Op::Audit(audit) => append_audit(tx, audit, state)
-            .map(Done::Seq)
-            .map_err(OpError::Fatal),
-        Op::Close => Ok(Done::Unit),
-    }
-}
-
-fn append_audit(
-    tx: &Connection,
-    e: &AuditEvent,
-    state: &mut WriterState,
-) -> Result<u64, StoreError> {
-    let seq = state.next_seq;
-    tx.prepare_cached(
-        "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )
-    .map_err(map_err)?
-    .execute(params![
-        i64::try_from(seq).unwrap_or(i64::MAX),
-        e.time_ms,
-        e.actor,
-        e.tenant,
-        e.action.as_str(),
-        e.token.as_ref().map(|t| t.as_bytes().to_vec()),
-        e.outcome.as_str(),
-        e.peer,
-        e.purpose,
-        e.detail,
-    ])
-    .map_err(|err| match map_err(err) {
-        // A duplicate sequence number means the writer's view is wrong:
-        // never treat that as an ordinary conflict.
-        StoreError::Conflict => StoreError::Corrupt("audit sequence collision".into()),
-        other => other,
-    })?;
-    state.next_seq += 1;
-    Ok(seq)
 }

@@ -1,0 +1,429 @@
+//! The SQL of each write request, applied inside the writer's batch
+//! transaction. Single-statement requests rely on SQLite aborting just the
+//! failing statement; multi-statement administrative requests run inside a
+//! savepoint so that a rejected one leaves nothing behind.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::map_err;
+use super::writer::{BatchCtx, Done, Op};
+use crate::domain::audit::{AuditEvent, Outcome};
+use crate::domain::store::{JobRecord, KekCheck, Reencrypted, StoreError, TokenRecord, WrappedDek};
+use crate::domain::token::Token;
+
+/// Why one request in a batch failed.
+pub enum OpError {
+    /// This request alone fails; it wrote nothing.
+    Rejected(StoreError),
+    /// The batch must roll back.
+    Fatal(StoreError),
+}
+
+impl From<rusqlite::Error> for OpError {
+    fn from(e: rusqlite::Error) -> Self {
+        match map_err(e) {
+            StoreError::Conflict => Self::Rejected(StoreError::Conflict),
+            other => Self::Fatal(other),
+        }
+    }
+}
+
+fn rejected(msg: impl Into<String>) -> OpError {
+    OpError::Rejected(StoreError::Precondition(msg.into()))
+}
+
+/// For statements after the first of a request: by then something was
+/// written, so even a constraint violation cannot be failed alone.
+fn fatal(e: rusqlite::Error) -> OpError {
+    OpError::Fatal(match map_err(e) {
+        StoreError::Conflict => StoreError::Corrupt("constraint violated mid-request".into()),
+        other => other,
+    })
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub fn apply(tx: &Connection, op: &Op, ctx: &mut BatchCtx<'_>) -> Result<Done, OpError> {
+    match op {
+        Op::PinKek(check, audit) => {
+            let mut st = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+            st.execute(params!["kek_id", check.kek_id.as_bytes()])?;
+            st.execute(params!["kek_check", &check.check_blob])
+                .map_err(fatal)?;
+            audit_unit(tx, audit, ctx)
+        }
+        Op::InsertDek(d, audit) => {
+            insert_dek(tx, d)?;
+            audit_unit(tx, audit, ctx)
+        }
+        Op::Reserve(id, reserved) => {
+            let n = tx
+                .prepare_cached("UPDATE deks SET reserved = MAX(reserved, ?2) WHERE id = ?1")?
+                .execute(params![id, to_i64(*reserved)])?;
+            if n == 1 {
+                Ok(Done::Unit)
+            } else {
+                Err(rejected(format!("no data key {id}")))
+            }
+        }
+        Op::InsertToken(r, audit) => insert_token(tx, r, audit, ctx),
+        Op::DeleteToken(token, tenant, audit) => delete_token(tx, token, tenant, audit, ctx),
+        Op::Audit(audit) => append_audit(tx, audit, ctx)
+            .map(Done::Seq)
+            .map_err(OpError::Fatal),
+        Op::RotateDek(new, retire, audit) => savepoint(tx, ctx, |tx, ctx| {
+            if let Some(old) = retire {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE deks SET state = 'decrypt-only' WHERE id = ?1 AND state = 'active'",
+                    )?
+                    .execute(params![old])?;
+                if n != 1 {
+                    return Err(rejected(format!("data key {old} is not active")));
+                }
+            }
+            insert_dek(tx, new)?;
+            audit_unit(tx, audit, ctx)
+        }),
+        Op::DestroyDek(id, audit) => savepoint(tx, ctx, |tx, ctx| destroy_dek(tx, *id, audit, ctx)),
+        Op::ShredTenant(tenant, audit) => {
+            savepoint(tx, ctx, |tx, ctx| shred_tenant(tx, tenant, audit, ctx))
+        }
+        Op::RewrapDeks(pin, rows, audit) => {
+            savepoint(tx, ctx, |tx, ctx| rewrap(tx, pin, rows, audit, ctx))
+        }
+        Op::CreateJob(job, audit) => savepoint(tx, ctx, |tx, ctx| {
+            let id = create_job(tx, job)?;
+            append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
+            Ok(Done::Seq(id))
+        }),
+        Op::ReencryptBatch(job, rows, checkpoint) => reencrypt(tx, *job, rows, checkpoint, ctx),
+        Op::FinishJob(id, state, error, audit) => savepoint(tx, ctx, |tx, ctx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
+                )?
+                .execute(params![to_i64(*id), state.as_str(), error, audit.time_ms])?;
+            if n != 1 {
+                return Err(rejected(format!("no job {id}")));
+            }
+            audit_unit(tx, audit, ctx)
+        }),
+        Op::Close => Ok(Done::Unit),
+    }
+}
+
+/// Runs `f` inside a savepoint: a rejected request is rolled back to it, so
+/// it leaves nothing behind even after some of its statements succeeded.
+fn savepoint(
+    tx: &Connection,
+    ctx: &mut BatchCtx<'_>,
+    f: impl FnOnce(&Connection, &mut BatchCtx<'_>) -> Result<Done, OpError>,
+) -> Result<Done, OpError> {
+    let (seq, destroyed) = (ctx.next_seq, ctx.newly_destroyed.len());
+    tx.execute_batch("SAVEPOINT op").map_err(fatal)?;
+    match f(tx, ctx) {
+        Ok(d) => {
+            tx.execute_batch("RELEASE op").map_err(fatal)?;
+            Ok(d)
+        }
+        Err(OpError::Rejected(e)) => {
+            tx.execute_batch("ROLLBACK TO op; RELEASE op")
+                .map_err(fatal)?;
+            ctx.next_seq = seq;
+            ctx.newly_destroyed.truncate(destroyed);
+            Err(OpError::Rejected(e))
+        }
+        Err(fatal) => Err(fatal),
+    }
+}
+
+fn audit_unit(
+    tx: &Connection,
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
+    Ok(Done::Unit)
+}
+
+fn insert_dek(tx: &Connection, d: &WrappedDek) -> Result<(), OpError> {
+    tx.prepare_cached(
+        "INSERT INTO deks (id, tenant, version, state, wrapped, kek_id, created_ms, reserved)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        d.id,
+        d.tenant,
+        d.version,
+        d.state.as_str(),
+        d.wrapped,
+        d.kek_id,
+        d.created_ms,
+        to_i64(d.reserved),
+    ])?;
+    Ok(())
+}
+
+fn insert_token(
+    tx: &Connection,
+    r: &TokenRecord,
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    // A tokenize that picked its key just before the key was destroyed must
+    // not store a ciphertext nobody can ever open.
+    if ctx.is_destroyed(r.dek_id) {
+        return Err(rejected("the data key was destroyed; retry"));
+    }
+    tx.prepare_cached(
+        "INSERT INTO tokens (token, tenant, dek_id, ciphertext, brand, bin, last4,
+                             pan_len, exp_month, exp_year, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        &r.token.as_bytes()[..],
+        r.tenant,
+        r.dek_id,
+        r.ciphertext,
+        r.brand.as_str(),
+        r.bin,
+        r.last4,
+        r.pan_len,
+        r.exp_month,
+        r.exp_year,
+        r.created_ms,
+    ])?;
+    append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
+    *ctx.token_deltas.entry(r.dek_id).or_default() += 1;
+    Ok(Done::Unit)
+}
+
+fn delete_token(
+    tx: &Connection,
+    token: &Token,
+    tenant: &str,
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    let dek: Option<u32> = tx
+        .prepare_cached("DELETE FROM tokens WHERE token = ?1 AND tenant = ?2 RETURNING dek_id")?
+        .query_row(params![&token.as_bytes()[..], tenant], |r| r.get(0))
+        .optional()
+        .map_err(fatal)?;
+    let mut audit = audit.clone();
+    if dek.is_none() {
+        audit.outcome = Outcome::failed("not_found");
+    }
+    append_audit(tx, &audit, ctx).map_err(OpError::Fatal)?;
+    if let Some(id) = dek {
+        *ctx.token_deltas.entry(id).or_default() -= 1;
+    }
+    Ok(Done::Deleted(dek.is_some()))
+}
+
+fn destroy_dek(
+    tx: &Connection,
+    id: u32,
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    let row: Option<(String, i64)> = tx
+        .prepare_cached("SELECT state, token_count FROM deks WHERE id = ?1")?
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((state, count)) = row else {
+        return Err(rejected(format!("no data key {id}")));
+    };
+    match state.as_str() {
+        "active" => {
+            return Err(rejected(format!(
+                "data key {id} is active; rotate the tenant's key first"
+            )));
+        }
+        "destroyed" => return Err(rejected(format!("data key {id} is already destroyed"))),
+        _ => {}
+    }
+    let refs = count + ctx.pending_delta(id);
+    if refs > 0 {
+        return Err(rejected(format!(
+            "{refs} tokens still reference data key {id}; re-encrypt them first"
+        )));
+    }
+    tx.prepare_cached("UPDATE deks SET state = 'destroyed', wrapped = NULL WHERE id = ?1")?
+        .execute(params![id])?;
+    append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
+    ctx.newly_destroyed.push(id);
+    Ok(Done::Unit)
+}
+
+fn shred_tenant(
+    tx: &Connection,
+    tenant: &str,
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    let ids = tx
+        .prepare_cached(
+            "UPDATE deks SET state = 'destroyed', wrapped = NULL
+             WHERE tenant = ?1 AND state != 'destroyed' RETURNING id",
+        )?
+        .query_map(params![tenant], |r| r.get::<_, u32>(0))?
+        .collect::<rusqlite::Result<Vec<u32>>>()?;
+    let mut audit = audit.clone();
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let note = format!("destroyed dek_ids=[{}]", list.join(","));
+    audit.detail = Some(match audit.detail.take() {
+        Some(d) => format!("{d} {note}"),
+        None => note,
+    });
+    append_audit(tx, &audit, ctx).map_err(OpError::Fatal)?;
+    ctx.newly_destroyed.extend(&ids);
+    Ok(Done::Ids(ids))
+}
+
+fn rewrap(
+    tx: &Connection,
+    pin: &KekCheck,
+    rows: &[(u32, Vec<u8>)],
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    let mut live: Vec<u32> = tx
+        .prepare_cached("SELECT id FROM deks WHERE state != 'destroyed' ORDER BY id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<u32>>>()?;
+    let mut given: Vec<u32> = rows.iter().map(|(id, _)| *id).collect();
+    live.sort_unstable();
+    given.sort_unstable();
+    if live != given {
+        return Err(rejected(
+            "the data keys changed during KEK rotation; retry the rotation",
+        ));
+    }
+    let mut st = tx.prepare_cached("UPDATE deks SET wrapped = ?2, kek_id = ?3 WHERE id = ?1")?;
+    for (id, wrapped) in rows {
+        st.execute(params![id, wrapped, pin.kek_id])?;
+    }
+    let mut meta = tx.prepare_cached("REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+    meta.execute(params!["kek_id", pin.kek_id.as_bytes()])?;
+    meta.execute(params!["kek_check", &pin.check_blob])?;
+    audit_unit(tx, audit, ctx)
+}
+
+fn create_job(tx: &Connection, j: &JobRecord) -> Result<u64, OpError> {
+    tx.prepare_cached(
+        "INSERT INTO jobs (kind, tenant, state, total, done, checkpoint, passes,
+                           created_ms, updated_ms, actor, reason)
+         VALUES ('reencrypt', ?1, ?2, ?3, 0, NULL, 0, ?4, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        j.tenant,
+        j.state.as_str(),
+        to_i64(j.total),
+        j.created_ms,
+        j.actor,
+        j.reason,
+    ])?;
+    Ok(u64::try_from(tx.last_insert_rowid()).unwrap_or(0))
+}
+
+fn reencrypt(
+    tx: &Connection,
+    job: u64,
+    rows: &[Reencrypted],
+    checkpoint: &Option<Token>,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<Done, OpError> {
+    if rows.iter().any(|r| ctx.is_destroyed(r.new_dek)) {
+        return Err(rejected("the target data key was destroyed"));
+    }
+    let mut applied = 0u64;
+    let mut st = tx.prepare_cached(
+        "UPDATE tokens SET dek_id = ?3, ciphertext = ?4 WHERE token = ?1 AND dek_id = ?2",
+    )?;
+    for r in rows {
+        let n = st
+            .execute(params![
+                &r.token.as_bytes()[..],
+                r.old_dek,
+                r.new_dek,
+                r.ciphertext
+            ])
+            .map_err(fatal)?;
+        if n == 1 {
+            applied += 1;
+            *ctx.token_deltas.entry(r.old_dek).or_default() -= 1;
+            *ctx.token_deltas.entry(r.new_dek).or_default() += 1;
+        }
+    }
+    let new_pass = i64::from(checkpoint.is_none());
+    let n = tx
+        .prepare_cached(
+            "UPDATE jobs SET done = done + ?2, checkpoint = ?3, passes = passes + ?4,
+                             updated_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER)
+             WHERE id = ?1 AND state = 'running'",
+        )?
+        .execute(params![
+            to_i64(job),
+            to_i64(applied),
+            checkpoint.map(|t| t.as_bytes().to_vec()),
+            new_pass
+        ])
+        .map_err(fatal)?;
+    if n != 1 {
+        return Err(OpError::Fatal(StoreError::Precondition(format!(
+            "job {job} is not running"
+        ))));
+    }
+    Ok(Done::Count(applied))
+}
+
+/// Writes the batch's per-key token count changes, one statement per key.
+pub fn apply_token_deltas(tx: &Connection, deltas: &HashMap<u32, i64>) -> rusqlite::Result<()> {
+    let mut st =
+        tx.prepare_cached("UPDATE deks SET token_count = token_count + ?2 WHERE id = ?1")?;
+    for (id, d) in deltas {
+        if *d != 0 {
+            st.execute(params![id, d])?;
+        }
+    }
+    Ok(())
+}
+
+pub fn append_audit(
+    tx: &Connection,
+    e: &AuditEvent,
+    ctx: &mut BatchCtx<'_>,
+) -> Result<u64, StoreError> {
+    let seq = ctx.next_seq;
+    tx.prepare_cached(
+        "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .map_err(map_err)?
+    .execute(params![
+        to_i64(seq),
+        e.time_ms,
+        e.actor,
+        e.tenant,
+        e.action.as_str(),
+        e.token.as_ref().map(|t| t.as_bytes().to_vec()),
+        e.outcome.as_str(),
+        e.peer,
+        e.purpose,
+        e.detail,
+    ])
+    .map_err(|err| match map_err(err) {
+        // A duplicate sequence number means the writer's view is wrong:
+        // never treat that as an ordinary conflict.
+        StoreError::Conflict => StoreError::Corrupt("audit sequence collision".into()),
+        other => other,
+    })?;
+    ctx.next_seq += 1;
+    Ok(seq)
+}
