@@ -21,6 +21,8 @@ pub struct Config {
     pub kek: KekConfig,
     pub storage: StorageConfig,
     #[serde(default)]
+    pub keys: KeyPolicy,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub server: ServerOptions,
@@ -111,6 +113,37 @@ fn default_max_batch() -> usize {
 }
 fn default_counter_block() -> u64 {
     65_536
+}
+
+/// Data-key lifecycle policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyPolicy {
+    /// Rotate automatically when a key is due (by use or age).
+    pub auto_rotate: bool,
+    /// Rotate after this many encryptions under one key.
+    pub rotate_after_uses: u64,
+    /// Never encrypt more than this under one key (at most 2^32).
+    pub max_uses: u64,
+    /// Rotate keys older than this (the crypto-period).
+    pub crypto_period_days: u64,
+    /// Tokens per re-encryption commit.
+    pub reencrypt_batch: usize,
+    /// Pause between re-encryption commits, so serving continues.
+    pub reencrypt_pause_ms: u64,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            auto_rotate: true,
+            rotate_after_uses: 1 << 31,
+            max_uses: 1 << 32,
+            crypto_period_days: 90,
+            reencrypt_batch: 256,
+            reencrypt_pause_ms: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,6 +329,21 @@ impl Config {
         if self.storage.counter_block == 0 {
             return bad("storage.counter_block must be at least 1".into());
         }
+        let k = &self.keys;
+        if k.max_uses == 0 || k.max_uses > 1 << 32 {
+            return bad("keys.max_uses must be 1 to 4294967296 (2^32, NIST SP 800-38D)".into());
+        }
+        if k.rotate_after_uses == 0 || k.rotate_after_uses > k.max_uses {
+            return bad("keys.rotate_after_uses must be 1 to keys.max_uses".into());
+        }
+        if k.crypto_period_days == 0 || k.crypto_period_days > 730 {
+            return bad(
+                "keys.crypto_period_days must be 1 to 730 (SP 800-57: at most two years)".into(),
+            );
+        }
+        if k.reencrypt_batch == 0 {
+            return bad("keys.reencrypt_batch must be at least 1".into());
+        }
         if self.limits.max_message_bytes < 1024 {
             return bad("limits.max_message_bytes must be at least 1024".into());
         }
@@ -343,7 +391,7 @@ impl Config {
             for r in &c.roles {
                 roles.push(Role::parse(r).ok_or_else(|| {
                     ConfigError::Invalid(format!(
-                        "{at}: unknown role {r:?} (tokenize, detokenize, audit, admin)"
+                        "{at}: unknown role {r:?} (tokenize, detokenize, audit, admin, custodian)"
                     ))
                 })?);
             }

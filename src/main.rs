@@ -12,7 +12,7 @@ use tokenvault::config::{Config, ProcessEnv};
 use tokenvault::crypto::kek::LocalKek;
 use tokenvault::devpki::{DEV_CLIENTS, ensure_dev_dir};
 use tokenvault::proto;
-use tokenvault::server::{StartError, load_kek, open_vault, serve, shutdown_signal};
+use tokenvault::server::{StartError, open_configured, serve, shutdown_signal};
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
@@ -207,8 +207,11 @@ async fn run(cli: Cli) -> Result<(), String> {
 /// (`listening on ADDR`, one line, for scripts and tests using port 0), and
 /// serves until SIGTERM or SIGINT.
 async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
-    let kek = load_kek(&cfg, &ProcessEnv)?;
-    let vault = open_vault(&cfg, kek).await?;
+    let vault = open_configured(&cfg, &ProcessEnv).await?;
+    let shutdown = shutdown_signal();
+    if vault.is_sealed() {
+        tracing::warn!("vault is sealed: custodians must submit their shares (vault unseal)");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| StartError::Serve(format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -218,7 +221,7 @@ async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<()
     tracing::info!(%addr, "vault serving (mutual TLS)");
     announce(addr);
     println!("listening on {addr}");
-    serve(listener, &cfg, vault, shutdown_signal()).await
+    serve(listener, &cfg, vault, shutdown).await
 }
 
 fn print_dev_help(data_dir: &std::path::Path, listen: SocketAddr) {

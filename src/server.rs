@@ -13,14 +13,19 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
+use crate::config::ProcessEnv;
 use crate::config::{Config, Env, KekSource};
 use crate::crypto::hsm::{HsmKek, HsmSettings};
+use crate::crypto::kek::KeyBytes;
 use crate::crypto::kek::{Kek, LocalKek};
+use crate::crypto::shamir::{split, write_share_files};
 use crate::domain::{Vault, VaultSettings};
+use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::storage::{SqliteOptions, SqliteStore};
 use crate::transport::auth::Authenticator;
 use crate::transport::grpc::TokenServiceImpl;
+use crate::transport::keys::KeyServiceImpl;
 
 /// Encoded descriptors of `vault.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -98,25 +103,124 @@ pub fn hsm_settings(cfg: &Config, env: &dyn Env) -> Result<HsmSettings, StartErr
     })
 }
 
-/// Opens the store and the vault. Refuses to start with the wrong KEK.
-pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, StartError> {
-    let store = SqliteStore::open(
+/// The core's settings from configuration.
+pub fn vault_settings(cfg: &Config) -> VaultSettings {
+    let k = &cfg.keys;
+    VaultSettings {
+        counter_block: cfg.storage.counter_block,
+        rotate_after_uses: k.rotate_after_uses,
+        max_uses: k.max_uses,
+        crypto_period_ms: i64::try_from(k.crypto_period_days.saturating_mul(86_400_000))
+            .unwrap_or(i64::MAX),
+        auto_rotate: k.auto_rotate,
+        reencrypt_batch: k.reencrypt_batch,
+        reencrypt_pause_ms: k.reencrypt_pause_ms,
+    }
+}
+
+fn open_store(cfg: &Config) -> Result<Arc<SqliteStore>, StartError> {
+    Ok(Arc::new(SqliteStore::open(
         &cfg.storage.path,
         SqliteOptions {
             readers: cfg.storage.readers,
             max_batch: cfg.storage.max_batch,
             ..SqliteOptions::default()
         },
-    )?;
-    let vault = Vault::open(
-        Arc::new(store),
-        kek,
-        VaultSettings {
-            counter_block: cfg.storage.counter_block,
-        },
-    )
-    .await?;
+    )?))
+}
+
+/// Opens the store and the vault with `kek`. Refuses to start with the
+/// wrong KEK.
+pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, StartError> {
+    let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg)).await?;
     Ok(Arc::new(vault))
+}
+
+/// Opens the vault as configured: with its KEK loaded (file, environment,
+/// HSM), able to reload it after an administrator seals; or sealed, for a
+/// split-knowledge KEK that custodians must rebuild.
+pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, StartError> {
+    if cfg.kek.source == KekSource::Shamir {
+        let vault = Vault::open_sealed(open_store(cfg)?, vault_settings(cfg));
+        return Ok(Arc::new(vault));
+    }
+    let kek = load_kek(cfg, env)?;
+    // Snapshot what a reload needs; the file itself is read again then.
+    let snapshot: std::collections::HashMap<String, String> = ["VAULT_KEK".to_owned()]
+        .into_iter()
+        .chain(cfg.kek.hsm.as_ref().map(|h| h.pin_env.clone()))
+        .filter_map(|k| env.get(&k).map(|v| (k, v)))
+        .collect();
+    let reload_cfg = cfg.clone();
+    let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg))
+        .await?
+        .with_reload(Box::new(move || {
+            load_kek(&reload_cfg, &snapshot).map_err(|e| e.to_string())
+        }));
+    Ok(Arc::new(vault))
+}
+
+/// Builds the new KEK named by a KEK-rotation request.
+pub struct KekFactory {
+    hsm: Option<HsmSettings>,
+}
+
+impl std::fmt::Debug for KekFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KekFactory")
+            .field("hsm", &self.hsm.is_some())
+            .finish()
+    }
+}
+
+impl KekFactory {
+    pub fn new(cfg: &Config, env: &dyn Env) -> Self {
+        Self {
+            hsm: hsm_settings(cfg, env).ok(),
+        }
+    }
+
+    /// A KEK from a key file on this host.
+    pub fn file(&self, path: &std::path::Path) -> Result<Arc<dyn Kek>, String> {
+        Ok(Arc::new(
+            LocalKek::from_file(path).map_err(|e| e.to_string())?,
+        ))
+    }
+
+    /// A key in the configured HSM token, generated first if asked.
+    pub fn hsm(&self, key_label: &str, generate: bool) -> Result<Arc<dyn Kek>, String> {
+        let Some(base) = &self.hsm else {
+            return Err("no HSM is configured ([kek.hsm] and its PIN)".into());
+        };
+        let s = HsmSettings {
+            module: base.module.clone(),
+            token_label: base.token_label.clone(),
+            key_label: key_label.to_owned(),
+            pin: base.pin.clone(),
+        };
+        let kek = if generate {
+            HsmKek::generate(&s)
+        } else {
+            HsmKek::open(&s)
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(kek))
+    }
+
+    /// A new split-knowledge KEK: generated, split, and written one share
+    /// per file (mode 0600) before it is used, so it is never lost.
+    pub fn shamir(
+        &self,
+        out_dir: &std::path::Path,
+        shares: u8,
+        threshold: u8,
+    ) -> Result<(Arc<dyn Kek>, Vec<std::path::PathBuf>), String> {
+        let key = KeyBytes::generate().map_err(|e| e.to_string())?;
+        let kek = LocalKek::from_key(&key);
+        let parts = split(&key, kek.id(), threshold, shares).map_err(|e| e.to_string())?;
+        let files = write_share_files(out_dir, &parts).map_err(|e| e.to_string())?;
+        Ok((Arc::new(kek), files))
+    }
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
@@ -141,14 +245,44 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
     let auth = Arc::new(Authenticator::new(cfg.grants()?));
     let limit = cfg.limits.max_message_bytes;
-    let svc = TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth))
+    let svc = TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let keks = Arc::new(KekFactory::new(cfg, &ProcessEnv));
+    let key_svc = KeyServiceServer::new(KeyServiceImpl::new(vault.clone(), auth, keks))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<TokenServiceServer<TokenServiceImpl>>()
-        .await;
+    // Health follows the seal: a sealed vault is up but cannot serve data.
+    let mut sealed = vault.sealed_watch();
+    let follow = health.clone();
+    let health_task = tokio::spawn(async move {
+        loop {
+            let is_sealed = *sealed.borrow_and_update();
+            if is_sealed {
+                follow
+                    .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
+                    .await;
+                follow
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            } else {
+                follow
+                    .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+                    .await;
+                follow
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+            if sealed.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    if !vault.is_sealed() {
+        vault.resume_jobs();
+    }
     let reflection = if cfg.server.reflection {
         Some(
             tonic_reflection::server::Builder::configure()
@@ -183,7 +317,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_svc)
         .add_optional_service(reflection)
-        .add_service(svc);
+        .add_service(svc)
+        .add_service(key_svc);
     let serving = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serving);
     let drain = Duration::from_secs(cfg.server.drain_seconds);
@@ -201,6 +336,7 @@ pub async fn serve(
             Ok(())
         }
     };
+    health_task.abort();
     health
         .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
         .await;
@@ -209,25 +345,21 @@ pub async fn serve(
     result
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The SIGTERM handler is installed when
+/// this is called, not when the future is first polled, so a signal that
+/// arrives right after the vault announces itself still drains gracefully.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

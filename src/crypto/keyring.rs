@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use aes_gcm::Aes256Gcm;
@@ -27,10 +27,13 @@ pub struct DataKey {
     pub id: u32,
     pub tenant: String,
     pub version: u32,
-    pub state: DekState,
+    pub created_ms: i64,
+    state: AtomicU8,
     cipher: Aes256Gcm,
     used: AtomicU64,
     reserved: AtomicU64,
+    /// Encryptions this key may ever perform (at most [`HARD_USE_LIMIT`]).
+    limit: u64,
     /// Serialises reservation writes so concurrent encryptions that all hit
     /// the end of a block persist one new reservation, not many.
     pub reserve_lock: tokio::sync::Mutex<()>,
@@ -42,7 +45,7 @@ impl fmt::Debug for DataKey {
             .field("id", &self.id)
             .field("tenant", &self.tenant)
             .field("version", &self.version)
-            .field("state", &self.state)
+            .field("state", &self.state())
             .field("used", &self.used.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -59,9 +62,48 @@ pub enum Use {
     Exhausted,
 }
 
+fn state_code(s: DekState) -> u8 {
+    match s {
+        DekState::Active => 0,
+        DekState::DecryptOnly => 1,
+        DekState::Destroyed => 2,
+    }
+}
+
 impl DataKey {
+    fn new(w: &WrappedDek, key: &KeyBytes, used: u64, limit: u64) -> Self {
+        Self {
+            id: w.id,
+            tenant: w.tenant.clone(),
+            version: w.version,
+            created_ms: w.created_ms,
+            state: AtomicU8::new(state_code(w.state)),
+            cipher: envelope::cipher(key.expose()),
+            used: AtomicU64::new(used),
+            reserved: AtomicU64::new(w.reserved),
+            limit,
+            reserve_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
     pub fn cipher(&self) -> &Aes256Gcm {
         &self.cipher
+    }
+
+    pub fn state(&self) -> DekState {
+        match self.state.load(Ordering::Acquire) {
+            0 => DekState::Active,
+            1 => DekState::DecryptOnly,
+            _ => DekState::Destroyed,
+        }
+    }
+
+    fn set_state(&self, s: DekState) {
+        self.state.store(state_code(s), Ordering::Release);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     pub fn reserved(&self) -> u64 {
@@ -76,7 +118,7 @@ impl DataKey {
     pub fn take_use(&self) -> Use {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            if cur >= HARD_USE_LIMIT {
+            if cur >= self.limit {
                 return Use::Exhausted;
             }
             if cur >= self.reserved.load(Ordering::Acquire) {
@@ -94,7 +136,7 @@ impl DataKey {
 
     /// The reservation to persist next: one block more, capped at the limit.
     pub fn next_reservation(&self, block: u64) -> u64 {
-        self.reserved().saturating_add(block).min(HARD_USE_LIMIT)
+        self.reserved().saturating_add(block).min(self.limit)
     }
 
     /// Records that `reserved` is now durable.
@@ -116,32 +158,54 @@ pub fn dek_aad(tenant: &str, id: u32, version: u32) -> Vec<u8> {
 
 /// All unwrapped DEKs, by id, and which one is active per tenant.
 pub struct KeyRing {
-    kek: Arc<dyn Kek>,
+    kek: RwLock<Arc<dyn Kek>>,
     by_id: RwLock<HashMap<u32, Arc<DataKey>>>,
     active: RwLock<HashMap<String, Arc<DataKey>>>,
+    use_limit: u64,
 }
 
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.by_id.read().map(|m| m.len()).unwrap_or(0);
         f.debug_struct("KeyRing")
-            .field("kek", &self.kek.id())
+            .field("kek", &self.kek().id())
             .field("deks", &n)
             .finish()
     }
 }
 
 impl KeyRing {
-    pub fn new(kek: Arc<dyn Kek>) -> Self {
+    /// A ring whose keys may each encrypt at most `use_limit` times
+    /// (capped at [`HARD_USE_LIMIT`]).
+    pub fn new(kek: Arc<dyn Kek>, use_limit: u64) -> Self {
         Self {
-            kek,
+            kek: RwLock::new(kek),
             by_id: RwLock::default(),
             active: RwLock::default(),
+            use_limit: use_limit.clamp(1, HARD_USE_LIMIT),
         }
     }
 
-    pub fn kek(&self) -> &Arc<dyn Kek> {
-        &self.kek
+    /// The current KEK.
+    pub fn kek(&self) -> Arc<dyn Kek> {
+        match self.kek.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Switches to a new KEK after every DEK was re-wrapped under it.
+    pub fn set_kek(&self, kek: Arc<dyn Kek>) {
+        match self.kek.write() {
+            Ok(mut k) => *k = kek,
+            Err(p) => *p.into_inner() = kek,
+        }
+    }
+
+    /// Unwraps a stored DEK's key bytes (for re-wrapping under a new KEK).
+    pub fn unwrap_stored(&self, w: &WrappedDek) -> Result<KeyBytes, CryptoError> {
+        self.kek()
+            .unwrap(&w.wrapped, &dek_aad(&w.tenant, w.id, w.version))
     }
 
     /// Unwraps a stored DEK and adds it. A destroyed DEK is skipped; one that
@@ -150,20 +214,9 @@ impl KeyRing {
         if w.state == DekState::Destroyed {
             return Ok(());
         }
-        let key = self
-            .kek
-            .unwrap(&w.wrapped, &dek_aad(&w.tenant, w.id, w.version))?;
+        let key = self.unwrap_stored(w)?;
         // Every use reserved before a restart counts as spent.
-        self.install(DataKey {
-            id: w.id,
-            tenant: w.tenant.clone(),
-            version: w.version,
-            state: w.state,
-            cipher: envelope::cipher(key.expose()),
-            used: AtomicU64::new(w.reserved),
-            reserved: AtomicU64::new(w.reserved),
-            reserve_lock: tokio::sync::Mutex::new(()),
-        });
+        self.install(DataKey::new(w, &key, w.reserved, self.use_limit));
         Ok(())
     }
 
@@ -178,28 +231,20 @@ impl KeyRing {
         now_ms: i64,
     ) -> Result<(DataKey, WrappedDek), CryptoError> {
         let key = KeyBytes::generate()?;
-        let wrapped = self.kek.wrap(&key, &dek_aad(tenant, id, version))?;
-        let dk = DataKey {
-            id,
-            tenant: tenant.to_owned(),
-            version,
-            state: DekState::Active,
-            cipher: envelope::cipher(key.expose()),
-            used: AtomicU64::new(0),
-            reserved: AtomicU64::new(0),
-            reserve_lock: tokio::sync::Mutex::new(()),
-        };
+        let kek = self.kek();
+        let wrapped = kek.wrap(&key, &dek_aad(tenant, id, version))?;
         let w = WrappedDek {
             id,
             tenant: tenant.to_owned(),
             version,
             state: DekState::Active,
             wrapped,
-            kek_id: self.kek.id().to_owned(),
+            kek_id: kek.id().to_owned(),
             created_ms: now_ms,
             reserved: 0,
             tokens: 0,
         };
+        let dk = DataKey::new(&w, &key, 0, self.use_limit);
         Ok((dk, w))
     }
 
@@ -208,12 +253,46 @@ impl KeyRing {
         if let Ok(mut m) = self.by_id.write() {
             m.insert(dk.id, dk.clone());
         }
-        if dk.state == DekState::Active
+        if dk.state() == DekState::Active
             && let Ok(mut m) = self.active.write()
         {
             m.insert(dk.tenant.clone(), dk.clone());
         }
         dk
+    }
+
+    /// Makes a key decrypt-only: it stays available to open old records but
+    /// is no longer any tenant's active key.
+    pub fn retire(&self, id: u32) {
+        let Some(dk) = self.get(id) else { return };
+        dk.set_state(DekState::DecryptOnly);
+        if let Ok(mut m) = self.active.write()
+            && m.get(&dk.tenant).is_some_and(|a| a.id == id)
+        {
+            m.remove(&dk.tenant);
+        }
+    }
+
+    /// Drops a destroyed key. The cipher's key schedule is wiped when the
+    /// last in-flight user lets go of it.
+    pub fn remove(&self, id: u32) {
+        let removed = self.by_id.write().ok().and_then(|mut m| m.remove(&id));
+        if let Some(dk) = removed {
+            dk.set_state(DekState::Destroyed);
+            if let Ok(mut m) = self.active.write()
+                && m.get(&dk.tenant).is_some_and(|a| a.id == id)
+            {
+                m.remove(&dk.tenant);
+            }
+        }
+    }
+
+    /// Every key in the ring.
+    pub fn all(&self) -> Vec<Arc<DataKey>> {
+        self.by_id
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn active_for(&self, tenant: &str) -> Option<Arc<DataKey>> {
@@ -247,7 +326,10 @@ mod tests {
     use crate::crypto::kek::LocalKek;
 
     fn ring() -> KeyRing {
-        KeyRing::new(Arc::new(LocalKek::from_key(&KeyBytes::generate().unwrap())))
+        KeyRing::new(
+            Arc::new(LocalKek::from_key(&KeyBytes::generate().unwrap())),
+            HARD_USE_LIMIT,
+        )
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum Role {
     Detokenize,
     Audit,
     Admin,
+    /// Holds a share of a split KEK and may submit it to unseal the vault.
+    Custodian,
 }
 
 impl Role {
@@ -58,6 +60,7 @@ impl Role {
             "detokenize" => Some(Self::Detokenize),
             "audit" => Some(Self::Audit),
             "admin" => Some(Self::Admin),
+            "custodian" => Some(Self::Custodian),
             _ => None,
         }
     }
@@ -68,6 +71,7 @@ impl Role {
             Self::Detokenize => "detokenize",
             Self::Audit => "audit",
             Self::Admin => "admin",
+            Self::Custodian => "custodian",
         }
     }
 
@@ -77,6 +81,7 @@ impl Role {
             Self::Detokenize => 2,
             Self::Audit => 4,
             Self::Admin => 8,
+            Self::Custodian => 16,
         }
     }
 }
@@ -105,7 +110,13 @@ impl RoleSet {
 
 impl fmt::Debug for RoleSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let all = [Role::Tokenize, Role::Detokenize, Role::Audit, Role::Admin];
+        let all = [
+            Role::Tokenize,
+            Role::Detokenize,
+            Role::Audit,
+            Role::Admin,
+            Role::Custodian,
+        ];
         f.debug_set()
             .entries(
                 all.iter()
@@ -148,6 +159,12 @@ pub enum Action {
     Detokenize,
     GetMetadata,
     DeleteToken,
+    /// Read key status and job progress.
+    ReadKeys,
+    /// Rotate, destroy, shred, re-encrypt, seal.
+    ManageKeys,
+    /// Submit an unseal share, or read unseal progress.
+    Unseal,
 }
 
 impl Action {
@@ -161,6 +178,9 @@ impl Action {
                 RoleSet::new([Role::Tokenize, Role::Detokenize, Role::Audit, Role::Admin])
             }
             Self::DeleteToken => RoleSet::new([Role::Tokenize, Role::Admin]),
+            Self::ReadKeys => RoleSet::new([Role::Admin, Role::Audit]),
+            Self::ManageKeys => RoleSet::new([Role::Admin]),
+            Self::Unseal => RoleSet::new([Role::Admin, Role::Custodian]),
         }
     }
 }
@@ -218,6 +238,9 @@ impl Action {
             Self::Detokenize => "detokenize",
             Self::GetMetadata => "read token metadata",
             Self::DeleteToken => "delete tokens",
+            Self::ReadKeys => "read key status",
+            Self::ManageKeys => "manage keys",
+            Self::Unseal => "unseal the vault",
         }
     }
 }

@@ -16,6 +16,23 @@ pub enum AuditAction {
     DekCreate,
     /// The KEK was first pinned to this database.
     KekInit,
+    /// A tenant's data key was replaced; the old one became decrypt-only.
+    DekRotate,
+    /// Every data key was re-wrapped under a new KEK.
+    KekRotate,
+    /// A decrypt-only data key nothing references was destroyed.
+    DekDestroy,
+    /// An administrator asked for a tenant's keys to be destroyed.
+    ShredRequest,
+    /// A second administrator approved, and the tenant's keys were destroyed.
+    TenantShred,
+    ReencryptStart,
+    ReencryptComplete,
+    ReencryptFail,
+    /// A custodian submitted an unseal share.
+    UnsealShare,
+    Unseal,
+    Seal,
 }
 
 impl AuditAction {
@@ -27,25 +44,50 @@ impl AuditAction {
             Self::DeleteToken => "delete_token",
             Self::DekCreate => "dek_create",
             Self::KekInit => "kek_init",
+            Self::DekRotate => "dek_rotate",
+            Self::KekRotate => "kek_rotate",
+            Self::DekDestroy => "dek_destroy",
+            Self::ShredRequest => "shred_request",
+            Self::TenantShred => "tenant_shred",
+            Self::ReencryptStart => "reencrypt_start",
+            Self::ReencryptComplete => "reencrypt_complete",
+            Self::ReencryptFail => "reencrypt_fail",
+            Self::UnsealShare => "unseal_share",
+            Self::Unseal => "unseal",
+            Self::Seal => "seal",
         }
     }
 
+    pub const ALL: [AuditAction; 17] = [
+        Self::Tokenize,
+        Self::Detokenize,
+        Self::GetMetadata,
+        Self::DeleteToken,
+        Self::DekCreate,
+        Self::KekInit,
+        Self::DekRotate,
+        Self::KekRotate,
+        Self::DekDestroy,
+        Self::ShredRequest,
+        Self::TenantShred,
+        Self::ReencryptStart,
+        Self::ReencryptComplete,
+        Self::ReencryptFail,
+        Self::UnsealShare,
+        Self::Unseal,
+        Self::Seal,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Tokenize,
-            Self::Detokenize,
-            Self::GetMetadata,
-            Self::DeleteToken,
-            Self::DekCreate,
-            Self::KekInit,
-        ]
-        .into_iter()
-        .find(|a| a.as_str() == s)
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
     }
 
     /// Key lifecycle events, as opposed to data access.
     pub fn is_key_event(self) -> bool {
-        matches!(self, Self::DekCreate | Self::KekInit)
+        !matches!(
+            self,
+            Self::Tokenize | Self::Detokenize | Self::GetMetadata | Self::DeleteToken
+        )
     }
 }
 
@@ -82,8 +124,36 @@ pub struct AuditEvent {
     pub outcome: Outcome,
     pub peer: Option<String>,
     pub purpose: Option<String>,
-    /// Free-form vault-written detail, e.g. a key id and version.
+    /// Free-form vault-written detail.
     pub detail: Option<String>,
+    /// The data key concerned, for key lifecycle events.
+    pub key_id: Option<u32>,
+    pub key_version: Option<u32>,
+    /// Why an administrator acted (required for key lifecycle actions).
+    pub reason: Option<String>,
+    /// Identities that approved the action (dual control).
+    pub approvers: Option<String>,
+}
+
+impl AuditEvent {
+    /// An event with every optional field empty and outcome success.
+    pub fn new(time_ms: i64, actor: &str, action: AuditAction) -> Self {
+        Self {
+            time_ms,
+            actor: actor.to_owned(),
+            tenant: None,
+            action,
+            token: None,
+            outcome: Outcome::SUCCESS,
+            peer: None,
+            purpose: None,
+            detail: None,
+            key_id: None,
+            key_version: None,
+            reason: None,
+            approvers: None,
+        }
+    }
 }
 
 /// An event as stored, with its sequence number.
@@ -99,4 +169,8 @@ pub struct AuditRecord {
     pub peer: Option<String>,
     pub purpose: Option<String>,
     pub detail: Option<String>,
+    pub key_id: Option<u32>,
+    pub key_version: Option<u32>,
+    pub reason: Option<String>,
+    pub approvers: Option<String>,
 }

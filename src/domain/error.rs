@@ -29,6 +29,9 @@ pub enum VaultError {
     DataLoss,
     #[error("{0}")]
     Unavailable(String),
+    /// No key material is loaded: custodians must unseal the vault first.
+    #[error("vault is sealed")]
+    Sealed,
     #[error("internal error")]
     Internal,
 }
@@ -45,6 +48,7 @@ impl VaultError {
             Self::ResourceExhausted(_) => "resource_exhausted",
             Self::DataLoss => "data_loss",
             Self::Unavailable(_) => "unavailable",
+            Self::Sealed => "sealed",
             Self::Internal => "internal",
         }
     }

@@ -4,16 +4,21 @@
 
 pub mod access;
 pub mod audit;
+pub mod data;
 pub mod error;
+pub mod keys;
 pub mod pan;
+pub mod reencrypt;
 pub mod store;
 pub mod token;
+pub mod unseal;
 pub mod vault;
 
 pub use access::{Action, Caller, Grant, Role, TenantId};
 pub use audit::{AuditAction, AuditEvent, AuditRecord, Outcome};
+pub use data::{CardMetadata, Detokenized, Expiry};
 pub use error::VaultError;
 pub use pan::{CardBrand, Pan, PanError};
 pub use store::{Store, StoreError, TokenRecord};
 pub use token::{Token, TokenError};
-pub use vault::{CardMetadata, Expiry, Vault, VaultSettings};
+pub use vault::{Vault, VaultSettings};

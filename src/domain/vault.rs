@@ -1,121 +1,89 @@
-//! Vault operations: tokenize, detokenize, read metadata, delete. Each one
-//! authorizes the caller first (deny by default), does its work through the
-//! key ring and the store, and leaves an audit record, committed before the
-//! caller is answered, whatever the outcome.
+//! The vault: the store, the key ring (absent while sealed), and the
+//! plumbing every operation shares — opening against a pinned KEK, sealing,
+//! choosing (and when due, rotating) a tenant's active data key, counting
+//! key uses, and writing audit events. The operations themselves live in
+//! `data.rs` (tokenize, detokenize, …), `keys.rs` (key lifecycle),
+//! `unseal.rs` and `reencrypt.rs`.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tracing::{error, warn};
-use zeroize::Zeroizing;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
-use super::access::{Action, Caller, TenantId};
+use super::access::{Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent, Outcome};
 use super::error::VaultError;
-use super::pan::{CardBrand, Pan, luhn_valid};
-use super::store::{KekCheck, Store, StoreError, TokenRecord};
+use super::keys::ShredRequest;
+use super::store::{KekCheck, Store, StoreError};
 use super::token::Token;
+use super::unseal::UnsealState;
 use crate::crypto::CryptoError;
-use crate::crypto::envelope::{self, RecordContext};
 use crate::crypto::kek::{Kek, KeyBytes};
-use crate::crypto::keyring::{DataKey, KeyRing, Use};
+use crate::crypto::keyring::{DataKey, HARD_USE_LIMIT, KeyRing, Use};
 
 /// Tunables of the core.
 #[derive(Debug, Clone)]
 pub struct VaultSettings {
     /// Encryptions reserved per durable counter write.
     pub counter_block: u64,
+    /// Rotate a tenant's key automatically once it has encrypted this many
+    /// times (NIST SP 800-38D: well before 2^32).
+    pub rotate_after_uses: u64,
+    /// Never encrypt under one key more than this (at most 2^32).
+    pub max_uses: u64,
+    /// Rotate a tenant's key automatically once it is this old.
+    pub crypto_period_ms: i64,
+    pub auto_rotate: bool,
+    /// Tokens re-encrypted per commit by a re-encryption job.
+    pub reencrypt_batch: usize,
+    /// Pause between re-encryption batches, so serving continues.
+    pub reencrypt_pause_ms: u64,
 }
 
 impl Default for VaultSettings {
     fn default() -> Self {
         Self {
             counter_block: 65_536,
+            rotate_after_uses: 1 << 31,
+            max_uses: HARD_USE_LIMIT,
+            crypto_period_ms: 90 * 24 * 3600 * 1000,
+            auto_rotate: true,
+            reencrypt_batch: 256,
+            reencrypt_pause_ms: 5,
         }
     }
 }
 
-/// A card's expiry date, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expiry {
-    pub month: u8,
-    pub year: u16,
-}
+/// Reloads a KEK from its configured source (file, HSM) to unseal a vault
+/// that an administrator sealed. Absent for split-knowledge KEKs, which only
+/// custodians' shares can rebuild.
+pub type KekLoader = Box<dyn Fn() -> Result<Arc<dyn Kek>, String> + Send + Sync>;
 
-impl Expiry {
-    pub fn new(month: u32, year: u32) -> Result<Self, VaultError> {
-        let month = u8::try_from(month)
-            .ok()
-            .filter(|m| (1..=12).contains(m))
-            .ok_or_else(|| VaultError::InvalidArgument("expiry month must be 1 to 12".into()))?;
-        let year = u16::try_from(year)
-            .ok()
-            .filter(|y| (2000..=2099).contains(y))
-            .ok_or_else(|| {
-                VaultError::InvalidArgument("expiry year must be four digits, 2000 to 2099".into())
-            })?;
-        Ok(Self { month, year })
-    }
-}
-
-/// What may be shown about a token (PCI DSS 3.4.1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CardMetadata {
-    pub brand: CardBrand,
-    pub bin: String,
-    pub last4: String,
-    pub pan_len: u8,
-    pub expiry: Option<Expiry>,
-    pub created_ms: i64,
-}
-
-impl CardMetadata {
-    fn of(rec: &TokenRecord) -> Self {
-        Self {
-            brand: rec.brand,
-            bin: rec.bin.clone(),
-            last4: rec.last4.clone(),
-            pan_len: rec.pan_len,
-            expiry: match (rec.exp_month, rec.exp_year) {
-                (Some(month), Some(year)) => Some(Expiry { month, year }),
-                _ => None,
-            },
-            created_ms: rec.created_ms,
-        }
-    }
-}
-
-/// The card number and expiry returned by detokenize.
-pub struct Detokenized {
-    pub pan: Pan,
-    pub expiry: Option<Expiry>,
-}
-
-impl std::fmt::Debug for Detokenized {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detokenized")
-            .field("pan", &self.pan)
-            .field("expiry", &self.expiry)
-            .finish()
-    }
-}
-
-const PURPOSE_MAX_CHARS: usize = 256;
-const KEK_CHECK_AAD: &[u8] = b"tokenvault/kek-check/v1";
-const SYSTEM_ACTOR: &str = "system";
+pub(crate) const KEK_CHECK_AAD: &[u8] = b"tokenvault/kek-check/v1";
+pub(crate) const SYSTEM_ACTOR: &str = "system";
 
 pub struct Vault {
-    store: Arc<dyn Store>,
-    keys: KeyRing,
-    settings: VaultSettings,
-    /// Serialises DEK creation so two first tokenizations of a tenant do not
-    /// both create one.
-    create_lock: tokio::sync::Mutex<()>,
+    pub(crate) store: Arc<dyn Store>,
+    /// `None` while sealed.
+    ring: RwLock<Option<Arc<KeyRing>>>,
+    pub(crate) settings: VaultSettings,
+    /// Serialises key lifecycle changes (creation, rotation, destruction,
+    /// KEK rotation), so no two race on one tenant's keys.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
+    sealed_tx: watch::Sender<bool>,
+    pub(crate) unseal: Mutex<UnsealState>,
+    pub(crate) shred_requests: Mutex<HashMap<u64, ShredRequest>>,
+    pub(crate) running_jobs: Mutex<HashSet<u64>>,
+    pub(crate) reload: Option<KekLoader>,
 }
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vault").field("keys", &self.keys).finish()
+        f.debug_struct("Vault")
+            .field("sealed", &self.is_sealed())
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,9 +93,14 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn storage(e: StoreError) -> VaultError {
-    error!(error = %e, "storage operation failed");
-    VaultError::Unavailable("storage unavailable; retry later".into())
+pub(crate) fn storage(e: StoreError) -> VaultError {
+    match e {
+        StoreError::Precondition(m) => VaultError::FailedPrecondition(m),
+        e => {
+            error!(error = %e, "storage operation failed");
+            VaultError::Unavailable("storage unavailable; retry later".into())
+        }
+    }
 }
 
 /// Errors of opening: shown to the operator at start, never to callers.
@@ -148,6 +121,21 @@ pub enum OpenError {
 }
 
 impl Vault {
+    fn new(store: Arc<dyn Store>, settings: VaultSettings) -> Self {
+        let (sealed_tx, _) = watch::channel(true);
+        Self {
+            store,
+            ring: RwLock::new(None),
+            settings,
+            lifecycle: tokio::sync::Mutex::new(()),
+            sealed_tx,
+            unseal: Mutex::default(),
+            shred_requests: Mutex::default(),
+            running_jobs: Mutex::default(),
+            reload: None,
+        }
+    }
+
     /// Opens the vault over `store` with `kek`. On a new database the KEK is
     /// pinned; on an existing one a different or wrong KEK is refused before
     /// any key is used, so the vault never serves garbage.
@@ -156,15 +144,37 @@ impl Vault {
         kek: Arc<dyn Kek>,
         settings: VaultSettings,
     ) -> Result<Self, OpenError> {
-        match store.kek_check().await? {
+        let v = Self::new(store, settings);
+        let ring = v.open_ring(kek).await?;
+        v.install_ring(Some(ring));
+        Ok(v)
+    }
+
+    /// Opens the vault sealed: it answers every data call UNAVAILABLE until
+    /// custodians unseal it.
+    pub fn open_sealed(store: Arc<dyn Store>, settings: VaultSettings) -> Self {
+        Self::new(store, settings)
+    }
+
+    /// Lets an administrator unseal a sealed vault by reloading its KEK.
+    pub fn with_reload(mut self, loader: KekLoader) -> Self {
+        self.reload = Some(loader);
+        self
+    }
+
+    /// Checks `kek` against the pin (pinning it on a new database) and
+    /// unwraps every live data key with it.
+    pub(crate) async fn open_ring(&self, kek: Arc<dyn Kek>) -> Result<Arc<KeyRing>, OpenError> {
+        match self.store.kek_check().await? {
             None => {
                 let probe = KeyBytes::generate()?;
                 let check = KekCheck {
                     kek_id: kek.id().to_owned(),
                     check_blob: kek.wrap(&probe, KEK_CHECK_AAD)?,
                 };
-                let audit = system_event(AuditAction::KekInit, None, kek.id());
-                store.pin_kek(&check, audit).await?;
+                let mut audit = AuditEvent::new(now_ms(), SYSTEM_ACTOR, AuditAction::KekInit);
+                audit.detail = Some(format!("kek={}", kek.id()));
+                self.store.pin_kek(&check, audit).await?;
             }
             Some(pinned) => {
                 if pinned.kek_id != kek.id() {
@@ -177,287 +187,157 @@ impl Vault {
                     .map_err(|_| OpenError::KekCheckFailed)?;
             }
         }
-        let keys = KeyRing::new(kek);
-        for w in store.load_deks().await? {
-            keys.load(&w)
+        let ring = KeyRing::new(kek, self.settings.max_uses);
+        for w in self.store.load_deks().await? {
+            ring.load(&w)
                 .map_err(|reason| OpenError::DekUnwrap { id: w.id, reason })?;
         }
-        Ok(Self {
-            store,
-            keys,
-            settings,
-            create_lock: tokio::sync::Mutex::new(()),
-        })
+        Ok(Arc::new(ring))
+    }
+
+    /// Installs (unseal) or drops (seal) the key ring. Dropping it wipes the
+    /// key schedules once in-flight calls let go of them.
+    pub(crate) fn install_ring(&self, ring: Option<Arc<KeyRing>>) {
+        let sealed = ring.is_none();
+        match self.ring.write() {
+            Ok(mut r) => *r = ring,
+            Err(p) => *p.into_inner() = ring,
+        }
+        self.sealed_tx.send_replace(sealed);
+        info!(sealed, "vault seal state changed");
+    }
+
+    /// The key ring, or `Sealed`.
+    pub fn ring(&self) -> Result<Arc<KeyRing>, VaultError> {
+        let r = self.ring.read().unwrap_or_else(PoisonError::into_inner);
+        r.clone().ok_or(VaultError::Sealed)
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        *self.sealed_tx.borrow()
+    }
+
+    /// Follows the seal state (true = sealed), e.g. to drive health checks.
+    pub fn sealed_watch(&self) -> watch::Receiver<bool> {
+        self.sealed_tx.subscribe()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
-    pub fn keys(&self) -> &KeyRing {
-        &self.keys
-    }
-
-    /// Stores a card number and returns its new token and metadata.
-    pub async fn tokenize(
-        &self,
-        caller: &Caller,
-        pan: &str,
-        expiry: Option<(u32, u32)>,
-    ) -> Result<(Token, CardMetadata), VaultError> {
-        let res = self.tokenize_inner(caller, pan, expiry).await;
-        self.audit_failure(&res, caller, AuditAction::Tokenize, None, None, None)
-            .await?;
-        res
-    }
-
-    async fn tokenize_inner(
-        &self,
-        caller: &Caller,
-        pan: &str,
-        expiry: Option<(u32, u32)>,
-    ) -> Result<(Token, CardMetadata), VaultError> {
-        caller.authorize(Action::Tokenize)?;
-        let tenant = caller.home_tenant().ok_or_else(|| {
-            VaultError::PermissionDenied("tokenize needs an identity bound to one tenant".into())
-        })?;
-        let pan = Pan::parse(pan).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
-        let expiry = expiry.map(|(m, y)| Expiry::new(m, y)).transpose()?;
-        let dek = self.active_dek(tenant).await?;
-        self.take_use(&dek).await?;
-        let now = now_ms();
-        let token =
-            Token::generate(u64::try_from(now).unwrap_or(0)).map_err(|_| VaultError::Internal)?;
-        let ciphertext = envelope::seal(
-            dek.cipher(),
-            &RecordContext {
-                tenant: tenant.as_str(),
-                token: &token,
-                dek_id: dek.id,
+    /// The tenant's active DEK. Creates the first one on first use, and
+    /// rotates automatically when the current one has reached its use count
+    /// or crypto-period: new writes move to the new key at once, with no
+    /// restart and no failed request.
+    pub(crate) async fn active_dek(&self, tenant: &TenantId) -> Result<Arc<DataKey>, VaultError> {
+        if let Some(dk) = self.ring()?.active_for(tenant.as_str())
+            && self.rotation_due(&dk).is_none()
+        {
+            return Ok(dk);
+        }
+        let _guard = self.lifecycle.lock().await;
+        let ring = self.ring()?;
+        let current = ring.active_for(tenant.as_str());
+        let reason = match &current {
+            None => "first use of tenant".to_owned(),
+            Some(dk) => match self.rotation_due(dk) {
+                None => return Ok(dk.clone()),
+                Some(why) => why,
             },
-            pan.digits().as_bytes(),
-        )
-        .map_err(|e| {
-            error!(error = %e, "encryption failed");
-            VaultError::Internal
-        })?;
-        let rec = TokenRecord {
-            token,
-            tenant: tenant.as_str().to_owned(),
-            dek_id: dek.id,
-            ciphertext,
-            brand: pan.brand(),
-            bin: pan.bin().to_owned(),
-            last4: pan.last4().to_owned(),
-            pan_len: u8::try_from(pan.len()).unwrap_or(u8::MAX),
-            exp_month: expiry.map(|e| e.month),
-            exp_year: expiry.map(|e| e.year),
-            created_ms: now,
         };
-        let meta = CardMetadata::of(&rec);
-        let audit = self.event(
-            caller,
-            AuditAction::Tokenize,
-            Some(tenant.as_str()),
-            Some(token),
-            Outcome::SUCCESS,
+        self.rotate_locked(
+            &ring,
+            tenant,
+            current.as_deref(),
+            SYSTEM_ACTOR,
+            &reason,
             None,
-        );
-        self.store
-            .insert_token(rec, audit)
-            .await
-            .map_err(|e| match e {
-                // 128 random bits make a collision practically impossible; if one
-                // happens the caller retries rather than getting someone's token.
-                StoreError::Conflict => VaultError::Unavailable("token collision; retry".into()),
-                e => storage(e),
-            })?;
-        Ok((token, meta))
-    }
-
-    /// Returns the card number behind `token`, after durably auditing the
-    /// access with its purpose.
-    pub async fn detokenize(
-        &self,
-        caller: &Caller,
-        token: &str,
-        purpose: &str,
-    ) -> Result<Detokenized, VaultError> {
-        let parsed = Token::parse(token).ok();
-        let res = self.detokenize_inner(caller, token, purpose).await;
-        let purpose = check_purpose(purpose).ok();
-        self.audit_failure(&res, caller, AuditAction::Detokenize, parsed, None, purpose)
-            .await?;
-        res
-    }
-
-    async fn detokenize_inner(
-        &self,
-        caller: &Caller,
-        token: &str,
-        purpose: &str,
-    ) -> Result<Detokenized, VaultError> {
-        caller.authorize(Action::Detokenize)?;
-        let token = parse_token(token)?;
-        let purpose = check_purpose(purpose)?;
-        let rec = self.find(caller, &token).await?;
-        let dek = self.keys.get(rec.dek_id).ok_or_else(|| {
-            VaultError::FailedPrecondition("the data key for this token is destroyed".into())
-        })?;
-        let plain = envelope::open(
-            dek.cipher(),
-            &RecordContext {
-                tenant: &rec.tenant,
-                token: &token,
-                dek_id: rec.dek_id,
-            },
-            &rec.ciphertext,
         )
-        .map_err(|e| {
-            error!(token = %token, dek = rec.dek_id, error = %e, "stored ciphertext failed to open");
-            VaultError::DataLoss
-        })?;
-        let digits = Zeroizing::new(String::from_utf8_lossy(&plain).into_owned());
-        let pan = Pan::parse(&digits).map_err(|_| {
-            error!(token = %token, "decrypted record is not a card number");
-            VaultError::DataLoss
-        })?;
-        let meta = CardMetadata::of(&rec);
-        let audit = self.event(
-            caller,
-            AuditAction::Detokenize,
-            Some(&rec.tenant),
-            Some(token),
-            Outcome::SUCCESS,
-            Some(purpose),
-        );
-        self.store.append_audit(audit).await.map_err(storage)?;
-        Ok(Detokenized {
-            pan,
-            expiry: meta.expiry,
-        })
+        .await
     }
 
-    /// Returns a token's metadata, never its card number.
-    pub async fn metadata(&self, caller: &Caller, token: &str) -> Result<CardMetadata, VaultError> {
-        let parsed = Token::parse(token).ok();
-        let res = async {
-            caller.authorize(Action::GetMetadata)?;
-            let token = parse_token(token)?;
-            let rec = self.find(caller, &token).await?;
-            let audit = self.event(
-                caller,
-                AuditAction::GetMetadata,
-                Some(&rec.tenant),
-                Some(token),
-                Outcome::SUCCESS,
-                None,
-            );
-            self.store.append_audit(audit).await.map_err(storage)?;
-            Ok(CardMetadata::of(&rec))
+    /// Why `dk` should be rotated now, if it should.
+    pub(crate) fn rotation_due(&self, dk: &DataKey) -> Option<String> {
+        if !self.settings.auto_rotate {
+            return None;
         }
-        .await;
-        self.audit_failure(&res, caller, AuditAction::GetMetadata, parsed, None, None)
-            .await?;
-        res
-    }
-
-    /// Deletes a token and its ciphertext.
-    pub async fn delete(&self, caller: &Caller, token: &str) -> Result<(), VaultError> {
-        let parsed = Token::parse(token).ok();
-        let mut audited = false;
-        let res = self.delete_inner(caller, token, &mut audited).await;
-        if !audited {
-            self.audit_failure(&res, caller, AuditAction::DeleteToken, parsed, None, None)
-                .await?;
+        if dk.used() >= self.settings.rotate_after_uses {
+            return Some(format!(
+                "automatic: {} encryptions reached (threshold {})",
+                dk.used(),
+                self.settings.rotate_after_uses
+            ));
         }
-        res
+        if now_ms().saturating_sub(dk.created_ms) >= self.settings.crypto_period_ms {
+            return Some("automatic: crypto-period elapsed".into());
+        }
+        None
     }
 
-    async fn delete_inner(
+    /// Creates a new active DEK for `tenant`, retiring `current` to
+    /// decrypt-only, durably and audited. Caller holds `lifecycle`.
+    pub(crate) async fn rotate_locked(
         &self,
-        caller: &Caller,
-        token: &str,
-        audited: &mut bool,
-    ) -> Result<(), VaultError> {
-        caller.authorize(Action::DeleteToken)?;
-        let token = parse_token(token)?;
-        let rec = self.find(caller, &token).await?;
-        let audit = self.event(
-            caller,
-            AuditAction::DeleteToken,
-            Some(&rec.tenant),
-            Some(token),
-            Outcome::SUCCESS,
-            None,
-        );
-        let deleted = self
-            .store
-            .delete_token(&token, &rec.tenant, audit)
-            .await
-            .map_err(storage)?;
-        // The store committed the audit record either way: as the success, or
-        // rewritten to not_found when a concurrent delete got there first.
-        *audited = true;
-        if deleted {
-            Ok(())
-        } else {
-            Err(VaultError::NotFound)
-        }
-    }
-
-    /// Fetches a token's record if it exists and belongs to a tenant the
-    /// caller reaches. Another tenant's token is reported exactly like a
-    /// missing one.
-    async fn find(&self, caller: &Caller, token: &Token) -> Result<TokenRecord, VaultError> {
-        let rec = self
-            .store
-            .get_token(token)
-            .await
-            .map_err(storage)?
-            .ok_or(VaultError::NotFound)?;
-        let tenant = TenantId::parse(&rec.tenant).map_err(|_| VaultError::Internal)?;
-        if !caller.reaches(&tenant) {
-            return Err(VaultError::NotFound);
-        }
-        Ok(rec)
-    }
-
-    /// The tenant's active DEK, creating (and durably storing, wrapped) the
-    /// first one on first use.
-    async fn active_dek(&self, tenant: &TenantId) -> Result<Arc<DataKey>, VaultError> {
-        if let Some(dk) = self.keys.active_for(tenant.as_str()) {
-            return Ok(dk);
-        }
-        let _guard = self.create_lock.lock().await;
-        if let Some(dk) = self.keys.active_for(tenant.as_str()) {
-            return Ok(dk);
-        }
-        let (id, version) = self.keys.next_ids(tenant.as_str());
+        ring: &KeyRing,
+        tenant: &TenantId,
+        current: Option<&DataKey>,
+        actor: &str,
+        reason: &str,
+        peer: Option<String>,
+    ) -> Result<Arc<DataKey>, VaultError> {
+        // Ids come from the store, which also remembers destroyed keys.
+        let deks = self.store.load_deks().await.map_err(storage)?;
+        let id = deks.iter().map(|d| d.id).max().map_or(1, |m| m + 1);
+        let version = deks
+            .iter()
+            .filter(|d| d.tenant == tenant.as_str())
+            .map(|d| d.version)
+            .max()
+            .map_or(1, |v| v + 1);
         let now = now_ms();
-        let (dk, wrapped) = self
-            .keys
+        let (dk, wrapped) = ring
             .generate(tenant.as_str(), id, version, now)
             .map_err(|e| {
                 error!(error = %e, "data key generation failed");
                 VaultError::Internal
             })?;
-        let detail = format!(
-            "dek_id={id} version={version} kek={} reason=first-use",
-            self.keys.kek().id()
-        );
-        let mut audit = system_event(AuditAction::DekCreate, Some(tenant.as_str()), &detail);
-        audit.time_ms = now;
+        let action = if current.is_some() {
+            AuditAction::DekRotate
+        } else {
+            AuditAction::DekCreate
+        };
+        let mut audit = AuditEvent::new(now, actor, action);
+        audit.tenant = Some(tenant.as_str().to_owned());
+        audit.key_id = Some(id);
+        audit.key_version = Some(version);
+        audit.reason = Some(reason.to_owned());
+        audit.peer = peer;
+        audit.detail = Some(match current {
+            Some(old) => format!(
+                "retired dek_id={} version={} after {} encryptions; kek={}",
+                old.id,
+                old.version,
+                old.used(),
+                ring.kek().id()
+            ),
+            None => format!("kek={}", ring.kek().id()),
+        });
         self.store
-            .insert_dek(&wrapped, audit)
+            .rotate_dek(&wrapped, current.map(|c| c.id), audit)
             .await
             .map_err(storage)?;
-        Ok(self.keys.install(dk))
+        let new = ring.install(dk);
+        if let Some(old) = current {
+            ring.retire(old.id);
+            info!(tenant = %tenant, old = old.id, new = id, reason, "data key rotated");
+        }
+        Ok(new)
     }
 
     /// Takes one encryption from the DEK's counter, durably reserving a new
     /// block first when the current one is spent.
-    async fn take_use(&self, dk: &DataKey) -> Result<(), VaultError> {
+    pub(crate) async fn take_use(&self, dk: &DataKey) -> Result<(), VaultError> {
         loop {
             match dk.take_use() {
                 Use::Granted => return Ok(()),
@@ -474,7 +354,7 @@ impl Vault {
                     }
                     let next = dk.next_reservation(self.settings.counter_block.max(1));
                     if next <= dk.reserved() {
-                        continue; // at the hard limit: take_use reports it
+                        continue; // at the limit: take_use reports it
                     }
                     self.store
                         .reserve_dek_uses(dk.id, next)
@@ -486,7 +366,7 @@ impl Vault {
         }
     }
 
-    fn event(
+    pub(crate) fn event(
         &self,
         caller: &Caller,
         action: AuditAction,
@@ -495,26 +375,22 @@ impl Vault {
         outcome: Outcome,
         purpose: Option<&str>,
     ) -> AuditEvent {
-        AuditEvent {
-            time_ms: now_ms(),
-            actor: caller.identity.clone(),
-            tenant: tenant
-                .map(str::to_owned)
-                .or_else(|| caller.home_tenant().map(|t| t.as_str().to_owned())),
-            action,
-            token,
-            outcome,
-            peer: caller.peer.clone(),
-            purpose: purpose.map(str::to_owned),
-            detail: None,
-        }
+        let mut e = AuditEvent::new(now_ms(), &caller.identity, action);
+        e.tenant = tenant
+            .map(str::to_owned)
+            .or_else(|| caller.home_tenant().map(|t| t.as_str().to_owned()));
+        e.token = token;
+        e.outcome = outcome;
+        e.peer = caller.peer.clone();
+        e.purpose = purpose.map(str::to_owned);
+        e
     }
 
     /// Audits a failed operation. Successes were audited inside the
     /// operation, in the same commit as their effect. If even this audit
     /// cannot be written the caller gets UNAVAILABLE, not the original error:
     /// nothing is answered that is not on the record.
-    async fn audit_failure<T>(
+    pub(crate) async fn audit_failure<T>(
         &self,
         res: &Result<T, VaultError>,
         caller: &Caller,
@@ -524,117 +400,28 @@ impl Vault {
         purpose: Option<&str>,
     ) -> Result<(), VaultError> {
         let Err(e) = res else { return Ok(()) };
-        let mut ev = self.event(
-            caller,
-            action,
-            tenant,
-            token,
-            Outcome::failed(e.code()),
-            purpose,
+        self.audit_error(
+            e,
+            self.event(caller, action, tenant, token, Outcome::SUCCESS, purpose),
+        )
+        .await
+    }
+
+    /// Records `e` as the outcome of `ev` and appends it.
+    pub(crate) async fn audit_error(
+        &self,
+        e: &VaultError,
+        mut ev: AuditEvent,
+    ) -> Result<(), VaultError> {
+        ev.outcome = Outcome::failed(e.code());
+        ev.detail = Some(
+            if ev.outcome == Outcome::DENIED || ev.outcome.as_str() == e.code() {
+                e.to_string()
+            } else {
+                e.code().to_owned()
+            },
         );
-        if ev.outcome == Outcome::DENIED {
-            ev.detail = Some(e.to_string());
-        } else if ev.outcome.as_str() != e.code() {
-            ev.detail = Some(e.code().to_owned());
-        } else {
-            ev.detail = Some(e.to_string());
-        }
         self.store.append_audit(ev).await.map_err(storage)?;
         Ok(())
-    }
-}
-
-fn system_event(action: AuditAction, tenant: Option<&str>, detail: &str) -> AuditEvent {
-    AuditEvent {
-        time_ms: now_ms(),
-        actor: SYSTEM_ACTOR.into(),
-        tenant: tenant.map(str::to_owned),
-        action,
-        token: None,
-        outcome: Outcome::SUCCESS,
-        peer: None,
-        purpose: None,
-        detail: Some(detail.to_owned()),
-    }
-}
-
-fn parse_token(s: &str) -> Result<Token, VaultError> {
-    Token::parse(s).map_err(|e| VaultError::InvalidArgument(e.to_string()))
-}
-
-/// A purpose is free text from the caller that lands in the audit log, so it
-/// is bounded and screened: a card number pasted into it would otherwise be
-/// stored in clear.
-pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
-    let p = purpose.trim();
-    if p.is_empty() {
-        return Err(VaultError::InvalidArgument(
-            "purpose is required for detokenize".into(),
-        ));
-    }
-    if p.chars().count() > PURPOSE_MAX_CHARS {
-        return Err(VaultError::InvalidArgument(format!(
-            "purpose must be at most {PURPOSE_MAX_CHARS} characters"
-        )));
-    }
-    if p.chars().any(char::is_control) {
-        return Err(VaultError::InvalidArgument(
-            "purpose must not contain control characters".into(),
-        ));
-    }
-    if contains_card_like_digits(p) {
-        return Err(VaultError::InvalidArgument(
-            "purpose must not contain a card number".into(),
-        ));
-    }
-    Ok(p)
-}
-
-/// True if `s` holds a run of 12–19 digits (spaces and hyphens allowed
-/// between them) that passes Luhn, or any run of 20 or more digits.
-fn contains_card_like_digits(s: &str) -> bool {
-    let mut run: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::new());
-    let check = |run: &[u8]| (12..=19).contains(&run.len()) && luhn_valid(run) || run.len() >= 20;
-    for b in s.bytes() {
-        match b {
-            b'0'..=b'9' => run.push(b),
-            b' ' | b'-' if !run.is_empty() => {}
-            _ => {
-                if check(&run) {
-                    return true;
-                }
-                run.clear();
-            }
-        }
-    }
-    check(&run)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    #[test]
-    fn purpose_rules() {
-        assert!(check_purpose("charge order 1234").is_ok());
-        assert!(check_purpose("   ").is_err());
-        assert!(check_purpose(&"x".repeat(257)).is_err());
-        assert!(check_purpose("a\nb").is_err());
-        let e = check_purpose("refund 4111 1111 1111 1111").unwrap_err();
-        assert!(!e.to_string().contains("4111"));
-        assert!(check_purpose("refund 4111-1111-1111-1111 now").is_err());
-        // A long order number that fails Luhn is fine.
-        assert!(check_purpose("order 4111111111111112").is_ok());
-        assert!(check_purpose("order 123456789012345678901").is_err());
-    }
-
-    #[test]
-    fn expiry_rules() {
-        assert!(Expiry::new(12, 2030).is_ok());
-        assert!(Expiry::new(0, 2030).is_err());
-        assert!(Expiry::new(13, 2030).is_err());
-        assert!(Expiry::new(1, 30).is_err());
-        assert!(Expiry::new(1, 2100).is_err());
     }
 }

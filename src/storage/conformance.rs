@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::domain::audit::{AuditAction, AuditEvent, Outcome};
+use crate::domain::audit::{AuditAction, AuditEvent};
 use crate::domain::pan::CardBrand;
 use crate::domain::store::{DekState, KekCheck, Store, StoreError, TokenRecord, WrappedDek};
 use crate::domain::token::Token;
@@ -54,15 +54,10 @@ pub fn record(t: Token, tenant: &str) -> TokenRecord {
 
 pub fn event(action: AuditAction, t: Option<Token>) -> AuditEvent {
     AuditEvent {
-        time_ms: 1_700_000_000_000,
-        actor: "spiffe://test/actor".into(),
         tenant: Some("acme".into()),
-        action,
         token: t,
-        outcome: Outcome::SUCCESS,
         peer: Some("127.0.0.1:1".into()),
-        purpose: None,
-        detail: None,
+        ..AuditEvent::new(1_700_000_000_000, "spiffe://test/actor", action)
     }
 }
 

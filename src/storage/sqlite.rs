@@ -246,6 +246,10 @@ fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
         peer: r.get(7)?,
         purpose: r.get(8)?,
         detail: r.get(9)?,
+        key_id: r.get(10)?,
+        key_version: r.get(11)?,
+        reason: r.get(12)?,
+        approvers: r.get(13)?,
     })
 }
 
@@ -375,7 +379,8 @@ impl Store for SqliteStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail
+                "SELECT seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail,
+                        key_id, key_version, reason, approvers
                  FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
             let rows = st.query_map(params![after, limit], audit_from_row)?;

@@ -15,7 +15,7 @@ pub fn to_status(e: &VaultError) -> Status {
         VaultError::FailedPrecondition(_) => Code::FailedPrecondition,
         VaultError::ResourceExhausted(_) => Code::ResourceExhausted,
         VaultError::DataLoss => Code::DataLoss,
-        VaultError::Unavailable(_) => Code::Unavailable,
+        VaultError::Unavailable(_) | VaultError::Sealed => Code::Unavailable,
         VaultError::Internal => Code::Internal,
     };
     Status::new(code, e.to_string())
@@ -48,6 +48,7 @@ mod tests {
             ),
             (VaultError::DataLoss, Code::DataLoss),
             (VaultError::Unavailable("x".into()), Code::Unavailable),
+            (VaultError::Sealed, Code::Unavailable),
             (VaultError::Internal, Code::Internal),
         ];
         for (e, c) in cases {

@@ -402,8 +402,9 @@ pub fn append_audit(
 ) -> Result<u64, StoreError> {
     let seq = ctx.next_seq;
     tx.prepare_cached(
-        "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer, purpose,
+                            detail, key_id, key_version, reason, approvers)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .map_err(map_err)?
     .execute(params![
@@ -417,6 +418,10 @@ pub fn append_audit(
         e.peer,
         e.purpose,
         e.detail,
+        e.key_id,
+        e.key_version,
+        e.reason,
+        e.approvers,
     ])
     .map_err(|err| match map_err(err) {
         // A duplicate sequence number means the writer's view is wrong:

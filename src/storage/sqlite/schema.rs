@@ -81,7 +81,12 @@ const MIGRATIONS: &[&str] = &[
         actor      TEXT NOT NULL,
         reason     TEXT NOT NULL,
         error      TEXT
-    );",
+    );
+
+    ALTER TABLE audit ADD COLUMN key_id INTEGER;
+    ALTER TABLE audit ADD COLUMN key_version INTEGER;
+    ALTER TABLE audit ADD COLUMN reason TEXT;
+    ALTER TABLE audit ADD COLUMN approvers TEXT;",
 ];
 
 /// Brings the database to the newest schema, one transaction per version.

@@ -1,0 +1,391 @@
+//! The data plane: tokenize, detokenize, read metadata, delete. Each one
+//! authorizes the caller first (deny by default), does its work through the
+//! key ring and the store, and leaves an audit record, committed before the
+//! caller is answered, whatever the outcome.
+
+use tracing::error;
+use zeroize::Zeroizing;
+
+use super::access::{Action, Caller, TenantId};
+use super::audit::{AuditAction, Outcome};
+use super::error::VaultError;
+use super::pan::{CardBrand, Pan, luhn_valid};
+use super::store::{StoreError, TokenRecord};
+use super::token::Token;
+use super::vault::{Vault, now_ms, storage};
+use crate::crypto::envelope::{self, RecordContext};
+
+const PURPOSE_MAX_CHARS: usize = 256;
+
+/// A card's expiry date, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub month: u8,
+    pub year: u16,
+}
+
+impl Expiry {
+    pub fn new(month: u32, year: u32) -> Result<Self, VaultError> {
+        let month = u8::try_from(month)
+            .ok()
+            .filter(|m| (1..=12).contains(m))
+            .ok_or_else(|| VaultError::InvalidArgument("expiry month must be 1 to 12".into()))?;
+        let year = u16::try_from(year)
+            .ok()
+            .filter(|y| (2000..=2099).contains(y))
+            .ok_or_else(|| {
+                VaultError::InvalidArgument("expiry year must be four digits, 2000 to 2099".into())
+            })?;
+        Ok(Self { month, year })
+    }
+}
+
+/// What may be shown about a token (PCI DSS 3.4.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardMetadata {
+    pub brand: CardBrand,
+    pub bin: String,
+    pub last4: String,
+    pub pan_len: u8,
+    pub expiry: Option<Expiry>,
+    pub created_ms: i64,
+}
+
+impl CardMetadata {
+    pub(crate) fn of(rec: &TokenRecord) -> Self {
+        Self {
+            brand: rec.brand,
+            bin: rec.bin.clone(),
+            last4: rec.last4.clone(),
+            pan_len: rec.pan_len,
+            expiry: match (rec.exp_month, rec.exp_year) {
+                (Some(month), Some(year)) => Some(Expiry { month, year }),
+                _ => None,
+            },
+            created_ms: rec.created_ms,
+        }
+    }
+}
+
+/// The card number and expiry returned by detokenize.
+pub struct Detokenized {
+    pub pan: Pan,
+    pub expiry: Option<Expiry>,
+}
+
+impl std::fmt::Debug for Detokenized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detokenized")
+            .field("pan", &self.pan)
+            .field("expiry", &self.expiry)
+            .finish()
+    }
+}
+
+impl Vault {
+    /// Stores a card number and returns its new token and metadata.
+    pub async fn tokenize(
+        &self,
+        caller: &Caller,
+        pan: &str,
+        expiry: Option<(u32, u32)>,
+    ) -> Result<(Token, CardMetadata), VaultError> {
+        let res = self.tokenize_inner(caller, pan, expiry).await;
+        self.audit_failure(&res, caller, AuditAction::Tokenize, None, None, None)
+            .await?;
+        res
+    }
+
+    async fn tokenize_inner(
+        &self,
+        caller: &Caller,
+        pan: &str,
+        expiry: Option<(u32, u32)>,
+    ) -> Result<(Token, CardMetadata), VaultError> {
+        caller.authorize(Action::Tokenize)?;
+        let tenant = caller.home_tenant().ok_or_else(|| {
+            VaultError::PermissionDenied("tokenize needs an identity bound to one tenant".into())
+        })?;
+        let pan = Pan::parse(pan).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
+        let expiry = expiry.map(|(m, y)| Expiry::new(m, y)).transpose()?;
+        let dek = self.active_dek(tenant).await?;
+        self.take_use(&dek).await?;
+        let now = now_ms();
+        let token =
+            Token::generate(u64::try_from(now).unwrap_or(0)).map_err(|_| VaultError::Internal)?;
+        let ciphertext = envelope::seal(
+            dek.cipher(),
+            &RecordContext {
+                tenant: tenant.as_str(),
+                token: &token,
+                dek_id: dek.id,
+            },
+            pan.digits().as_bytes(),
+        )
+        .map_err(|e| {
+            error!(error = %e, "encryption failed");
+            VaultError::Internal
+        })?;
+        let rec = TokenRecord {
+            token,
+            tenant: tenant.as_str().to_owned(),
+            dek_id: dek.id,
+            ciphertext,
+            brand: pan.brand(),
+            bin: pan.bin().to_owned(),
+            last4: pan.last4().to_owned(),
+            pan_len: u8::try_from(pan.len()).unwrap_or(u8::MAX),
+            exp_month: expiry.map(|e| e.month),
+            exp_year: expiry.map(|e| e.year),
+            created_ms: now,
+        };
+        let meta = CardMetadata::of(&rec);
+        let audit = self.event(
+            caller,
+            AuditAction::Tokenize,
+            Some(tenant.as_str()),
+            Some(token),
+            Outcome::SUCCESS,
+            None,
+        );
+        self.store
+            .insert_token(rec, audit)
+            .await
+            .map_err(|e| match e {
+                // 128 random bits make a collision practically impossible; if one
+                // happens the caller retries rather than getting someone's token.
+                StoreError::Conflict => VaultError::Unavailable("token collision; retry".into()),
+                e => storage(e),
+            })?;
+        Ok((token, meta))
+    }
+
+    /// Returns the card number behind `token`, after durably auditing the
+    /// access with its purpose.
+    pub async fn detokenize(
+        &self,
+        caller: &Caller,
+        token: &str,
+        purpose: &str,
+    ) -> Result<Detokenized, VaultError> {
+        let parsed = Token::parse(token).ok();
+        let res = self.detokenize_inner(caller, token, purpose).await;
+        let purpose = check_purpose(purpose).ok();
+        self.audit_failure(&res, caller, AuditAction::Detokenize, parsed, None, purpose)
+            .await?;
+        res
+    }
+
+    async fn detokenize_inner(
+        &self,
+        caller: &Caller,
+        token: &str,
+        purpose: &str,
+    ) -> Result<Detokenized, VaultError> {
+        caller.authorize(Action::Detokenize)?;
+        let token = parse_token(token)?;
+        let purpose = check_purpose(purpose)?;
+        let rec = self.find(caller, &token).await?;
+        let dek = self.ring()?.get(rec.dek_id).ok_or_else(|| {
+            VaultError::FailedPrecondition("the data key for this token is destroyed".into())
+        })?;
+        let plain = envelope::open(
+            dek.cipher(),
+            &RecordContext {
+                tenant: &rec.tenant,
+                token: &token,
+                dek_id: rec.dek_id,
+            },
+            &rec.ciphertext,
+        )
+        .map_err(|e| {
+            error!(token = %token, dek = rec.dek_id, error = %e, "stored ciphertext failed to open");
+            VaultError::DataLoss
+        })?;
+        let digits = Zeroizing::new(String::from_utf8_lossy(&plain).into_owned());
+        let pan = Pan::parse(&digits).map_err(|_| {
+            error!(token = %token, "decrypted record is not a card number");
+            VaultError::DataLoss
+        })?;
+        let meta = CardMetadata::of(&rec);
+        let audit = self.event(
+            caller,
+            AuditAction::Detokenize,
+            Some(&rec.tenant),
+            Some(token),
+            Outcome::SUCCESS,
+            Some(purpose),
+        );
+        self.store.append_audit(audit).await.map_err(storage)?;
+        Ok(Detokenized {
+            pan,
+            expiry: meta.expiry,
+        })
+    }
+
+    /// Returns a token's metadata, never its card number.
+    pub async fn metadata(&self, caller: &Caller, token: &str) -> Result<CardMetadata, VaultError> {
+        let parsed = Token::parse(token).ok();
+        let res = async {
+            caller.authorize(Action::GetMetadata)?;
+            let token = parse_token(token)?;
+            let rec = self.find(caller, &token).await?;
+            let audit = self.event(
+                caller,
+                AuditAction::GetMetadata,
+                Some(&rec.tenant),
+                Some(token),
+                Outcome::SUCCESS,
+                None,
+            );
+            self.store.append_audit(audit).await.map_err(storage)?;
+            Ok(CardMetadata::of(&rec))
+        }
+        .await;
+        self.audit_failure(&res, caller, AuditAction::GetMetadata, parsed, None, None)
+            .await?;
+        res
+    }
+
+    /// Deletes a token and its ciphertext.
+    pub async fn delete(&self, caller: &Caller, token: &str) -> Result<(), VaultError> {
+        let parsed = Token::parse(token).ok();
+        let mut audited = false;
+        let res = self.delete_inner(caller, token, &mut audited).await;
+        if !audited {
+            self.audit_failure(&res, caller, AuditAction::DeleteToken, parsed, None, None)
+                .await?;
+        }
+        res
+    }
+
+    async fn delete_inner(
+        &self,
+        caller: &Caller,
+        token: &str,
+        audited: &mut bool,
+    ) -> Result<(), VaultError> {
+        caller.authorize(Action::DeleteToken)?;
+        let token = parse_token(token)?;
+        let rec = self.find(caller, &token).await?;
+        let audit = self.event(
+            caller,
+            AuditAction::DeleteToken,
+            Some(&rec.tenant),
+            Some(token),
+            Outcome::SUCCESS,
+            None,
+        );
+        let deleted = self
+            .store
+            .delete_token(&token, &rec.tenant, audit)
+            .await
+            .map_err(storage)?;
+        // The store committed the audit record either way: as the success, or
+        // rewritten to not_found when a concurrent delete got there first.
+        *audited = true;
+        if deleted {
+            Ok(())
+        } else {
+            Err(VaultError::NotFound)
+        }
+    }
+
+    /// Fetches a token's record if it exists and belongs to a tenant the
+    /// caller reaches. Another tenant's token is reported exactly like a
+    /// missing one.
+    async fn find(&self, caller: &Caller, token: &Token) -> Result<TokenRecord, VaultError> {
+        let rec = self
+            .store
+            .get_token(token)
+            .await
+            .map_err(storage)?
+            .ok_or(VaultError::NotFound)?;
+        let tenant = TenantId::parse(&rec.tenant).map_err(|_| VaultError::Internal)?;
+        if !caller.reaches(&tenant) {
+            return Err(VaultError::NotFound);
+        }
+        Ok(rec)
+    }
+}
+
+fn parse_token(s: &str) -> Result<Token, VaultError> {
+    Token::parse(s).map_err(|e| VaultError::InvalidArgument(e.to_string()))
+}
+
+/// A purpose is free text from the caller that lands in the audit log, so it
+/// is bounded and screened: a card number pasted into it would otherwise be
+/// stored in clear.
+pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
+    let p = purpose.trim();
+    if p.is_empty() {
+        return Err(VaultError::InvalidArgument(
+            "purpose is required for detokenize".into(),
+        ));
+    }
+    if p.chars().count() > PURPOSE_MAX_CHARS {
+        return Err(VaultError::InvalidArgument(format!(
+            "purpose must be at most {PURPOSE_MAX_CHARS} characters"
+        )));
+    }
+    if p.chars().any(char::is_control) {
+        return Err(VaultError::InvalidArgument(
+            "purpose must not contain control characters".into(),
+        ));
+    }
+    if contains_card_like_digits(p) {
+        return Err(VaultError::InvalidArgument(
+            "purpose must not contain a card number".into(),
+        ));
+    }
+    Ok(p)
+}
+
+/// True if `s` holds a run of 12–19 digits (spaces and hyphens allowed
+/// between them) that passes Luhn, or any run of 20 or more digits.
+pub(crate) fn contains_card_like_digits(s: &str) -> bool {
+    let mut run: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::new());
+    let check = |run: &[u8]| (12..=19).contains(&run.len()) && luhn_valid(run) || run.len() >= 20;
+    for b in s.bytes() {
+        match b {
+            b'0'..=b'9' => run.push(b),
+            b' ' | b'-' if !run.is_empty() => {}
+            _ => {
+                if check(&run) {
+                    return true;
+                }
+                run.clear();
+            }
+        }
+    }
+    check(&run)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn purpose_rules() {
+        assert!(check_purpose("charge order 1234").is_ok());
+        assert!(check_purpose("   ").is_err());
+        assert!(check_purpose(&"x".repeat(257)).is_err());
+        assert!(check_purpose("a\nb").is_err());
+        let e = check_purpose("refund 4111 1111 1111 1111").unwrap_err();
+        assert!(!e.to_string().contains("4111"));
+        assert!(check_purpose("refund 4111-1111-1111-1111 now").is_err());
+        // A long order number that fails Luhn is fine.
+        assert!(check_purpose("order 4111111111111112").is_ok());
+        assert!(check_purpose("order 123456789012345678901").is_err());
+    }
+
+    #[test]
+    fn expiry_rules() {
+        assert!(Expiry::new(12, 2030).is_ok());
+        assert!(Expiry::new(0, 2030).is_err());
+        assert!(Expiry::new(13, 2030).is_err());
+        assert!(Expiry::new(1, 30).is_err());
+        assert!(Expiry::new(1, 2100).is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! Key lifecycle operations for administrators: status, data-key rotation,
+//! KEK rotation (re-wrap every data key in one commit), destruction of an
+//! unreferenced data key, and crypto-shredding of a tenant under dual
+//! control. Every attempt — allowed, refused or failed — is audited with the
+//! key id and version, actor, approvers and reason.
+
+use std::sync::Arc;
+
+use tracing::{error, info};
+
+use super::access::{Action, Caller, TenantId};
+use super::audit::{AuditAction, AuditEvent};
+use super::data::contains_card_like_digits;
+use super::error::VaultError;
+use super::store::{DekState, KekCheck};
+use super::vault::{KEK_CHECK_AAD, Vault, now_ms, storage};
+use crate::crypto::kek::{Kek, KeyBytes};
+use crate::crypto::keyring::dek_aad;
+
+/// How long a shred request waits for its second approval.
+pub const SHRED_REQUEST_TTL_MS: i64 = 60 * 60 * 1000;
+const REASON_MAX_CHARS: usize = 512;
+
+/// A pending request to destroy all of a tenant's keys, awaiting a second
+/// administrator. Held in memory only: a restart cancels it, which errs on
+/// the side of not destroying.
+#[derive(Debug, Clone)]
+pub struct ShredRequest {
+    pub id: u64,
+    pub tenant: TenantId,
+    pub requester: String,
+    pub reason: String,
+    pub created_ms: i64,
+}
+
+/// One data key as an administrator or auditor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DekStatus {
+    pub id: u32,
+    pub tenant: String,
+    pub version: u32,
+    pub state: DekState,
+    pub kek_id: String,
+    pub created_ms: i64,
+    /// Encryptions spent (reserved blocks count as spent after a restart).
+    pub used: u64,
+    pub limit: u64,
+    /// Tokens whose ciphertext is under this key.
+    pub tokens: u64,
+    /// Why it is due for rotation, if it is.
+    pub rotation_due: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub sealed: bool,
+    /// The KEK the database is pinned to.
+    pub kek_id: Option<String>,
+    pub deks: Vec<DekStatus>,
+}
+
+/// A reason is required for every key lifecycle action and lands in the
+/// audit log: bounded, printable, and screened for card numbers.
+pub(crate) fn check_reason(reason: &str) -> Result<&str, VaultError> {
+    let r = reason.trim();
+    if r.is_empty() {
+        return Err(VaultError::InvalidArgument(
+            "a reason is required for key lifecycle actions".into(),
+        ));
+    }
+    if r.chars().count() > REASON_MAX_CHARS || r.chars().any(char::is_control) {
+        return Err(VaultError::InvalidArgument(format!(
+            "reason must be at most {REASON_MAX_CHARS} printable characters"
+        )));
+    }
+    if contains_card_like_digits(r) {
+        return Err(VaultError::InvalidArgument(
+            "reason must not contain a card number".into(),
+        ));
+    }
+    Ok(r)
+}
+
+fn parse_tenant(t: &str) -> Result<TenantId, VaultError> {
+    TenantId::parse(t).map_err(VaultError::InvalidArgument)
+}
+
+impl Vault {
+    fn key_event(&self, caller: &Caller, action: AuditAction, reason: &str) -> AuditEvent {
+        let mut e = AuditEvent::new(now_ms(), &caller.identity, action);
+        e.peer = caller.peer.clone();
+        e.reason = Some(reason.trim().to_owned()).filter(|r| !r.is_empty());
+        e
+    }
+
+    /// Audits a key action refused before it reached the core (e.g. its new
+    /// KEK could not be built).
+    pub async fn audit_key_refusal(
+        &self,
+        caller: &Caller,
+        action: AuditAction,
+        reason: &str,
+        e: &VaultError,
+    ) -> Result<(), VaultError> {
+        self.audit_error(e, self.key_event(caller, action, reason))
+            .await
+    }
+
+    /// Status of the KEK and every data key. Works while sealed (counters
+    /// then come from the store).
+    pub async fn key_status(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
+        caller.authorize(Action::ReadKeys)?;
+        let pin = self.store.kek_check().await.map_err(storage)?;
+        let ring = self.ring().ok();
+        let deks = self.store.load_deks().await.map_err(storage)?;
+        let deks = deks
+            .into_iter()
+            .map(|w| {
+                let live = ring.as_ref().and_then(|r| r.get(w.id));
+                DekStatus {
+                    rotation_due: live
+                        .as_ref()
+                        .filter(|d| d.state() == DekState::Active)
+                        .and_then(|d| self.rotation_due(d)),
+                    used: live.as_ref().map_or(w.reserved, |d| d.used()),
+                    limit: live.as_ref().map_or(self.settings.max_uses, |d| d.limit()),
+                    id: w.id,
+                    tenant: w.tenant,
+                    version: w.version,
+                    state: w.state,
+                    kek_id: w.kek_id,
+                    created_ms: w.created_ms,
+                    tokens: w.tokens,
+                }
+            })
+            .collect();
+        Ok(KeyStatus {
+            sealed: ring.is_none(),
+            kek_id: pin.map(|p| p.kek_id),
+            deks,
+        })
+    }
+
+    /// Rotates `tenant`'s data key now: new writes use the new key at once;
+    /// the old one becomes decrypt-only.
+    pub async fn rotate_dek(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        reason: &str,
+    ) -> Result<DekStatus, VaultError> {
+        let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            let reason = check_reason(reason)?;
+            let tenant = parse_tenant(tenant)?;
+            let _guard = self.lifecycle.lock().await;
+            let ring = self.ring()?;
+            let current = ring.active_for(tenant.as_str());
+            let dk = self
+                .rotate_locked(
+                    &ring,
+                    &tenant,
+                    current.as_deref(),
+                    &caller.identity,
+                    reason,
+                    caller.peer.clone(),
+                )
+                .await?;
+            Ok(DekStatus {
+                id: dk.id,
+                tenant: dk.tenant.clone(),
+                version: dk.version,
+                state: dk.state(),
+                kek_id: ring.kek().id().to_owned(),
+                created_ms: dk.created_ms,
+                used: dk.used(),
+                limit: dk.limit(),
+                tokens: 0,
+                rotation_due: None,
+            })
+        }
+        .await;
+        if let Err(e) = &res {
+            let mut ev = self.key_event(caller, AuditAction::DekRotate, reason);
+            ev.tenant = Some(tenant.to_owned());
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    /// Re-wraps every live data key under `new` and pins `new`, in one
+    /// commit. Afterwards the old KEK is no longer needed, even to start.
+    pub async fn rotate_kek(
+        &self,
+        caller: &Caller,
+        new: Arc<dyn Kek>,
+        reason: &str,
+    ) -> Result<String, VaultError> {
+        let res = self.rotate_kek_inner(caller, &new, reason).await;
+        if let Err(e) = &res {
+            let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
+            ev.detail = Some(format!("to={}", new.id()));
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    async fn rotate_kek_inner(
+        &self,
+        caller: &Caller,
+        new: &Arc<dyn Kek>,
+        reason: &str,
+    ) -> Result<String, VaultError> {
+        caller.authorize(Action::ManageKeys)?;
+        let reason = check_reason(reason)?;
+        let _guard = self.lifecycle.lock().await;
+        let ring = self.ring()?;
+        let old = ring.kek();
+        if old.id() == new.id() {
+            return Err(VaultError::FailedPrecondition(
+                "the new KEK is the current KEK".into(),
+            ));
+        }
+        let internal = |what: &str, e: crate::crypto::CryptoError| {
+            error!(error = %e, "KEK rotation: {what}");
+            VaultError::Internal
+        };
+        let mut rows = Vec::new();
+        for w in self.store.load_deks().await.map_err(storage)? {
+            if w.state == DekState::Destroyed {
+                continue;
+            }
+            let key = ring
+                .unwrap_stored(&w)
+                .map_err(|e| internal("unwrap under current KEK", e))?;
+            let wrapped = new
+                .wrap(&key, &dek_aad(&w.tenant, w.id, w.version))
+                .map_err(|e| internal("wrap under new KEK", e))?;
+            rows.push((w.id, wrapped));
+        }
+        let probe = KeyBytes::generate().map_err(|e| internal("probe", e))?;
+        let pin = KekCheck {
+            kek_id: new.id().to_owned(),
+            check_blob: new
+                .wrap(&probe, KEK_CHECK_AAD)
+                .map_err(|e| internal("check value", e))?,
+        };
+        let n = rows.len();
+        let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
+        ev.detail = Some(format!(
+            "from={} to={} rewrapped_deks={n}",
+            old.id(),
+            new.id()
+        ));
+        self.store
+            .rewrap_deks(&pin, rows, ev)
+            .await
+            .map_err(storage)?;
+        ring.set_kek(new.clone());
+        info!(from = old.id(), to = new.id(), deks = n, "KEK rotated");
+        Ok(new.id().to_owned())
+    }
+
+    /// Destroys a decrypt-only data key that no token references any more.
+    pub async fn destroy_dek(
+        &self,
+        caller: &Caller,
+        id: u32,
+        reason: &str,
+    ) -> Result<(), VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::DekDestroy, reason);
+        ev.key_id = Some(id);
+        let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            check_reason(reason)?;
+            let _guard = self.lifecycle.lock().await;
+            let deks = self.store.load_deks().await.map_err(storage)?;
+            let w = deks
+                .iter()
+                .find(|d| d.id == id)
+                .ok_or_else(|| VaultError::FailedPrecondition(format!("no data key {id}")))?;
+            ev.tenant = Some(w.tenant.clone());
+            ev.key_version = Some(w.version);
+            self.store
+                .destroy_dek(id, ev.clone())
+                .await
+                .map_err(storage)?;
+            if let Ok(ring) = self.ring() {
+                ring.remove(id);
+            }
+            info!(dek = id, "data key destroyed");
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &res {
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    /// First half of crypto-shredding: records a request to destroy every
+    /// key of `tenant`, which a different administrator must approve.
+    pub async fn request_shred(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        reason: &str,
+    ) -> Result<ShredRequest, VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::ShredRequest, reason);
+        ev.tenant = Some(tenant.to_owned());
+        let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            let reason = check_reason(reason)?;
+            let tenant = parse_tenant(tenant)?;
+            let mut raw = [0u8; 8];
+            crate::crypto::random_bytes(&mut raw).map_err(|_| VaultError::Internal)?;
+            let req = ShredRequest {
+                id: u64::from_be_bytes(raw) >> 1,
+                tenant,
+                requester: caller.identity.clone(),
+                reason: reason.to_owned(),
+                created_ms: now_ms(),
+            };
+            let mut ok = ev.clone();
+            ok.detail = Some(format!("request_id={}", req.id));
+            self.store.append_audit(ok).await.map_err(storage)?;
+            self.pending_shreds().insert(req.id, req.clone());
+            Ok(req)
+        }
+        .await;
+        if let Err(e) = &res {
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    /// Second half: a different administrator approves, and every key of
+    /// the tenant is destroyed. Its tokens can never be opened again.
+    pub async fn approve_shred(
+        &self,
+        caller: &Caller,
+        request_id: u64,
+        reason: &str,
+    ) -> Result<Vec<u32>, VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::TenantShred, reason);
+        ev.detail = Some(format!("request_id={request_id}"));
+        let res = self.approve_shred_inner(caller, request_id, &mut ev).await;
+        if let Err(e) = &res {
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    async fn approve_shred_inner(
+        &self,
+        caller: &Caller,
+        request_id: u64,
+        ev: &mut AuditEvent,
+    ) -> Result<Vec<u32>, VaultError> {
+        caller.authorize(Action::ManageKeys)?;
+        let req = {
+            let mut pending = self.pending_shreds();
+            pending.retain(|_, r| now_ms() - r.created_ms < SHRED_REQUEST_TTL_MS);
+            pending.get(&request_id).cloned()
+        }
+        .ok_or_else(|| {
+            VaultError::FailedPrecondition(format!(
+                "no pending shred request {request_id} (requests expire after one hour)"
+            ))
+        })?;
+        ev.tenant = Some(req.tenant.as_str().to_owned());
+        if req.requester == caller.identity {
+            return Err(VaultError::PermissionDenied(
+                "dual control: a different administrator must approve this request".into(),
+            ));
+        }
+        let _guard = self.lifecycle.lock().await;
+        // The destruction is the requester's act, approved by the caller.
+        let mut done = ev.clone();
+        done.actor = req.requester.clone();
+        done.approvers = Some(caller.identity.clone());
+        done.reason = Some(req.reason.clone());
+        let ids = self
+            .store
+            .shred_tenant(req.tenant.as_str(), done)
+            .await
+            .map_err(storage)?;
+        self.pending_shreds().remove(&request_id);
+        if let Ok(ring) = self.ring() {
+            for id in &ids {
+                ring.remove(*id);
+            }
+        }
+        info!(tenant = %req.tenant, keys = ids.len(), "tenant crypto-shredded");
+        Ok(ids)
+    }
+
+    fn pending_shreds(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, ShredRequest>> {
+        self.shred_requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

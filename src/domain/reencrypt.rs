@@ -1,0 +1,273 @@
+//! Re-encryption jobs: move every token of a tenant that is still sealed
+//! under a decrypt-only key onto the tenant's active key, in batches,
+//! throttled, and resumable from the checkpoint stored with each batch.
+//!
+//! The scan walks the tenant's tokens in token order (tokens start with
+//! their creation time, so late arrivals land at the end). Each batch
+//! re-seals rows in memory and commits them with the new checkpoint; a row
+//! changed meanwhile (deleted, or re-encrypted by someone else) is skipped by
+//! the store's compare-and-swap. At the end of a pass the job counts what is
+//! still under decrypt-only keys; a token written under an old key by a call
+//! that raced the rotation is caught by the next pass.
+
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+use zeroize::Zeroizing;
+
+use super::access::{Action, Caller, TenantId};
+use super::audit::{AuditAction, AuditEvent};
+use super::error::VaultError;
+use super::keys::check_reason;
+use super::store::{DekState, JobRecord, JobState, Reencrypted};
+use super::vault::{SYSTEM_ACTOR, Vault, now_ms, storage};
+use crate::crypto::envelope::{self, RecordContext};
+
+/// Passes over the table before a job gives up on rows it cannot move.
+const MAX_PASSES: u32 = 5;
+
+impl Vault {
+    /// Starts re-encrypting `tenant`'s tokens that are under decrypt-only
+    /// keys. Returns the job; its progress is read with [`Vault::job`].
+    pub async fn start_reencryption(
+        self: &Arc<Self>,
+        caller: &Caller,
+        tenant: &str,
+        reason: &str,
+    ) -> Result<JobRecord, VaultError> {
+        let mut ev = AuditEvent::new(now_ms(), &caller.identity, AuditAction::ReencryptStart);
+        ev.peer = caller.peer.clone();
+        ev.tenant = Some(tenant.to_owned());
+        ev.reason = Some(reason.trim().to_owned());
+        let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            check_reason(reason)?;
+            let t = TenantId::parse(tenant).map_err(VaultError::InvalidArgument)?;
+            self.ring()?;
+            let _guard = self.lifecycle.lock().await;
+            if let Some(j) = self
+                .store
+                .running_jobs()
+                .await
+                .map_err(storage)?
+                .into_iter()
+                .find(|j| j.tenant == t.as_str())
+            {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "re-encryption job {} is already running for this tenant",
+                    j.id
+                )));
+            }
+            let total = self.tokens_under_retired_keys(t.as_str()).await?;
+            let now = now_ms();
+            let mut job = JobRecord {
+                id: 0,
+                tenant: t.as_str().to_owned(),
+                state: JobState::Running,
+                total,
+                done: 0,
+                checkpoint: None,
+                passes: 0,
+                created_ms: now,
+                updated_ms: now,
+                actor: caller.identity.clone(),
+                reason: reason.trim().to_owned(),
+                error: None,
+            };
+            let mut ok = ev.clone();
+            ok.detail = Some(format!("tokens_to_move={total}"));
+            job.id = self.store.create_job(&job, ok).await.map_err(storage)?;
+            Ok(job)
+        }
+        .await;
+        match &res {
+            Ok(job) => self.spawn_job(job.id),
+            Err(e) => self.audit_error(e, ev).await?,
+        }
+        res
+    }
+
+    /// A job's progress.
+    pub async fn job(&self, caller: &Caller, id: u64) -> Result<JobRecord, VaultError> {
+        caller.authorize(Action::ReadKeys)?;
+        self.store
+            .get_job(id)
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| VaultError::FailedPrecondition(format!("no job {id}")))
+    }
+
+    /// Resumes every job left running by a previous process.
+    pub fn resume_jobs(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.store.running_jobs().await {
+                Ok(jobs) => {
+                    for j in jobs {
+                        info!(
+                            job = j.id,
+                            done = j.done,
+                            total = j.total,
+                            "resuming re-encryption job"
+                        );
+                        this.spawn_job(j.id);
+                    }
+                }
+                Err(e) => error!(error = %e, "cannot list jobs to resume"),
+            }
+        });
+    }
+
+    fn spawn_job(self: &Arc<Self>, id: u64) {
+        {
+            let mut running = self
+                .running_jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !running.insert(id) {
+                return;
+            }
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let res = this.drive_job(id).await;
+            this.running_jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            if let Err(e) = res {
+                warn!(job = id, error = %e, "re-encryption job failed");
+                let mut ev = AuditEvent::new(now_ms(), SYSTEM_ACTOR, AuditAction::ReencryptFail);
+                ev.detail = Some(format!("job={id} error={e}"));
+                if let Err(e) = this
+                    .store
+                    .finish_job(id, JobState::Failed, Some(e.to_string()), ev)
+                    .await
+                {
+                    error!(job = id, error = %e, "cannot record job failure");
+                }
+            }
+        });
+    }
+
+    /// Tokens of `tenant` whose key is decrypt-only.
+    async fn tokens_under_retired_keys(&self, tenant: &str) -> Result<u64, VaultError> {
+        Ok(self
+            .store
+            .load_deks()
+            .await
+            .map_err(storage)?
+            .iter()
+            .filter(|d| d.tenant == tenant && d.state == DekState::DecryptOnly)
+            .map(|d| d.tokens)
+            .sum())
+    }
+
+    async fn drive_job(&self, id: u64) -> Result<(), VaultError> {
+        loop {
+            let job = self
+                .store
+                .get_job(id)
+                .await
+                .map_err(storage)?
+                .ok_or(VaultError::Internal)?;
+            if job.state != JobState::Running {
+                return Ok(());
+            }
+            if self.is_sealed() {
+                // Keys are gone until unseal; resume_jobs restarts us then.
+                info!(job = id, "vault sealed: re-encryption paused");
+                return Ok(());
+            }
+            let tenant = TenantId::parse(&job.tenant).map_err(|_| VaultError::Internal)?;
+            let batch = self
+                .store
+                .scan_tokens(
+                    tenant.as_str(),
+                    job.checkpoint,
+                    self.settings.reencrypt_batch.max(1),
+                )
+                .await
+                .map_err(storage)?;
+            let Some(last) = batch.last().map(|r| r.token) else {
+                let remaining = self.tokens_under_retired_keys(tenant.as_str()).await?;
+                if remaining == 0 {
+                    let mut ev =
+                        AuditEvent::new(now_ms(), SYSTEM_ACTOR, AuditAction::ReencryptComplete);
+                    ev.tenant = Some(job.tenant.clone());
+                    ev.detail = Some(format!(
+                        "job={id} moved={} of {} passes={}",
+                        job.done,
+                        job.total,
+                        job.passes + 1
+                    ));
+                    self.store
+                        .finish_job(id, JobState::Completed, None, ev)
+                        .await
+                        .map_err(storage)?;
+                    info!(job = id, moved = job.done, "re-encryption complete");
+                    return Ok(());
+                }
+                if job.passes + 1 >= MAX_PASSES {
+                    return Err(VaultError::FailedPrecondition(format!(
+                        "{remaining} tokens could not be re-encrypted"
+                    )));
+                }
+                self.store
+                    .reencrypt_batch(id, Vec::new(), None)
+                    .await
+                    .map_err(storage)?;
+                continue;
+            };
+            let ring = self.ring()?;
+            let mut rows = Vec::new();
+            for rec in batch {
+                let Some(old) = ring.get(rec.dek_id) else {
+                    continue; // destroyed: nothing can open it
+                };
+                if old.state() != DekState::DecryptOnly {
+                    continue;
+                }
+                let target = self.active_dek(&tenant).await?;
+                let plain: Zeroizing<Vec<u8>> = match envelope::open(
+                    old.cipher(),
+                    &RecordContext {
+                        tenant: &rec.tenant,
+                        token: &rec.token,
+                        dek_id: old.id,
+                    },
+                    &rec.ciphertext,
+                ) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        error!(token = %rec.token, dek = old.id, error = %e, "cannot re-encrypt: ciphertext failed to open");
+                        continue;
+                    }
+                };
+                self.take_use(&target).await?;
+                let ciphertext = envelope::seal(
+                    target.cipher(),
+                    &RecordContext {
+                        tenant: &rec.tenant,
+                        token: &rec.token,
+                        dek_id: target.id,
+                    },
+                    &plain,
+                )
+                .map_err(|_| VaultError::Internal)?;
+                rows.push(Reencrypted {
+                    token: rec.token,
+                    old_dek: old.id,
+                    new_dek: target.id,
+                    ciphertext,
+                });
+            }
+            self.store
+                .reencrypt_batch(id, rows, Some(last))
+                .await
+                .map_err(storage)?;
+            tokio::time::sleep(Duration::from_millis(self.settings.reencrypt_pause_ms)).await;
+        }
+    }
+}

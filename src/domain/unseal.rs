@@ -1,0 +1,286 @@
+//! Sealing and unsealing. A vault whose KEK is split among custodians
+//! (Shamir) starts sealed and answers every data call UNAVAILABLE until the
+//! threshold number of *distinct* custodians have each submitted a share; the
+//! rebuilt KEK must match the pinned one, or every submitted share is
+//! discarded. `seal` drops all key material from memory.
+
+use std::sync::{Arc, PoisonError};
+
+use tracing::{info, warn};
+
+use super::access::{Action, Caller};
+use super::audit::AuditAction;
+use super::error::VaultError;
+use super::vault::{OpenError, Vault};
+use crate::crypto::kek::{Kek, LocalKek};
+use crate::crypto::shamir::{Share, combine};
+
+/// Shares submitted so far, at most one per custodian identity.
+#[derive(Default)]
+pub struct UnsealState {
+    shares: Vec<(String, Share)>,
+}
+
+impl std::fmt::Debug for UnsealState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnsealState")
+            .field("submitted", &self.shares.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealStatus {
+    pub sealed: bool,
+    /// Shares needed (0 when the KEK is not split).
+    pub threshold: u8,
+    /// Distinct custodians who have submitted a share.
+    pub submitted: u8,
+    pub kek_id: Option<String>,
+}
+
+fn open_failed(e: OpenError) -> VaultError {
+    match e {
+        OpenError::KekMismatch { .. } | OpenError::KekCheckFailed => VaultError::FailedPrecondition(
+            "unseal failed: the KEK does not match the one this vault is pinned to; all submitted shares were discarded".into(),
+        ),
+        OpenError::Storage(e) => super::vault::storage(e),
+        e => {
+            tracing::error!(error = %e, "unseal failed");
+            VaultError::Internal
+        }
+    }
+}
+
+impl Vault {
+    fn unseal_state(&self) -> std::sync::MutexGuard<'_, UnsealState> {
+        self.unseal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub async fn seal_status(&self, caller: &Caller) -> Result<SealStatus, VaultError> {
+        if caller.authorize(Action::Unseal).is_err() {
+            caller.authorize(Action::ReadKeys)?;
+        }
+        self.status_now().await
+    }
+
+    async fn status_now(&self) -> Result<SealStatus, VaultError> {
+        let (threshold, submitted) = {
+            let st = self.unseal_state();
+            (
+                st.shares.first().map_or(0, |(_, s)| s.threshold()),
+                u8::try_from(st.shares.len()).unwrap_or(u8::MAX),
+            )
+        };
+        let kek_id = match self.ring() {
+            Ok(r) => Some(r.kek().id().to_owned()),
+            Err(_) => self
+                .store
+                .kek_check()
+                .await
+                .map_err(super::vault::storage)?
+                .map(|p| p.kek_id),
+        };
+        Ok(SealStatus {
+            sealed: self.is_sealed(),
+            threshold,
+            submitted,
+            kek_id,
+        })
+    }
+
+    /// A custodian submits one share. When enough distinct custodians have,
+    /// the KEK is rebuilt, checked against the pin, and the vault unseals.
+    pub async fn submit_share(
+        self: &Arc<Self>,
+        caller: &Caller,
+        share_text: &str,
+    ) -> Result<SealStatus, VaultError> {
+        let mut ev = self.event(
+            caller,
+            AuditAction::UnsealShare,
+            None,
+            None,
+            super::audit::Outcome::SUCCESS,
+            None,
+        );
+        ev.tenant = None;
+        let res = self.submit_share_inner(caller, share_text, &mut ev).await;
+        match &res {
+            Ok(_) => {}
+            Err(e) => self.audit_error(e, ev).await?,
+        }
+        res
+    }
+
+    async fn submit_share_inner(
+        self: &Arc<Self>,
+        caller: &Caller,
+        share_text: &str,
+        ev: &mut super::audit::AuditEvent,
+    ) -> Result<SealStatus, VaultError> {
+        caller.authorize(Action::Unseal)?;
+        if !self.is_sealed() {
+            return Err(VaultError::FailedPrecondition("vault is not sealed".into()));
+        }
+        let share = Share::parse(share_text)
+            .map_err(|e| VaultError::InvalidArgument(format!("share rejected: {e}")))?;
+        ev.detail = Some(format!(
+            "share {} of {}, threshold {}, kek={}",
+            share.index(),
+            share.total(),
+            share.threshold(),
+            share.kek_id()
+        ));
+        if let Some(pin) = self
+            .store
+            .kek_check()
+            .await
+            .map_err(super::vault::storage)?
+            && pin.kek_id != share.kek_id()
+        {
+            return Err(VaultError::InvalidArgument(
+                "share belongs to a different KEK than the one this vault is pinned to".into(),
+            ));
+        }
+        let ready = {
+            let mut st = self.unseal_state();
+            if let Some((_, first)) = st.shares.first()
+                && (first.kek_id() != share.kek_id() || first.set_id() != share.set_id())
+            {
+                return Err(VaultError::InvalidArgument(
+                    "share is from a different share set than those already submitted".into(),
+                ));
+            }
+            // One share per custodian: a second submission replaces the first.
+            st.shares.retain(|(who, _)| who != &caller.identity);
+            st.shares.push((caller.identity.clone(), share.clone()));
+            let distinct: std::collections::HashSet<u8> =
+                st.shares.iter().map(|(_, s)| s.index()).collect();
+            (distinct.len() >= usize::from(share.threshold()))
+                .then(|| st.shares.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())
+        };
+        self.store
+            .append_audit(ev.clone())
+            .await
+            .map_err(super::vault::storage)?;
+        if let Some(shares) = ready {
+            let rebuilt = combine(&shares);
+            self.unseal_state().shares.clear();
+            let key = rebuilt.map_err(|e| {
+                warn!(error = %e, "shares did not combine");
+                VaultError::FailedPrecondition(
+                    "unseal failed: the submitted shares do not combine; all submitted shares were discarded".into(),
+                )
+            })?;
+            let kek: Arc<dyn Kek> = Arc::new(LocalKek::from_key(&key));
+            self.unseal_with(caller, kek).await?;
+        }
+        self.status_now().await
+    }
+
+    /// Unseals a vault whose KEK comes from a file or an HSM, by reloading
+    /// it from its configured source (after an administrator sealed it).
+    pub async fn unseal_from_source(
+        self: &Arc<Self>,
+        caller: &Caller,
+    ) -> Result<SealStatus, VaultError> {
+        let ev = self.event(
+            caller,
+            AuditAction::Unseal,
+            None,
+            None,
+            super::audit::Outcome::SUCCESS,
+            None,
+        );
+        let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            if !self.is_sealed() {
+                return Err(VaultError::FailedPrecondition("vault is not sealed".into()));
+            }
+            let Some(reload) = &self.reload else {
+                return Err(VaultError::FailedPrecondition(
+                    "this vault's KEK is split: custodians must submit their shares".into(),
+                ));
+            };
+            let kek = reload().map_err(|e| {
+                warn!(error = %e, "KEK reload failed");
+                VaultError::FailedPrecondition("the configured KEK could not be loaded".into())
+            })?;
+            self.unseal_with(caller, kek).await?;
+            self.status_now().await
+        }
+        .await;
+        if let Err(e) = &res {
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    /// Opens the key ring with `kek`, installs it, audits, and resumes any
+    /// interrupted background jobs.
+    pub(crate) async fn unseal_with(
+        self: &Arc<Self>,
+        caller: &Caller,
+        kek: Arc<dyn Kek>,
+    ) -> Result<(), VaultError> {
+        let ring = self.open_ring(kek).await.map_err(open_failed)?;
+        let kek_id = ring.kek().id().to_owned();
+        self.install_ring(Some(ring));
+        let mut ev = self.event(
+            caller,
+            AuditAction::Unseal,
+            None,
+            None,
+            super::audit::Outcome::SUCCESS,
+            None,
+        );
+        ev.tenant = None;
+        ev.detail = Some(format!("kek={kek_id}"));
+        self.store
+            .append_audit(ev)
+            .await
+            .map_err(super::vault::storage)?;
+        info!(kek = %kek_id, "vault unsealed");
+        self.resume_jobs();
+        Ok(())
+    }
+
+    /// Drops every key from memory; data calls answer "vault is sealed"
+    /// until it is unsealed again.
+    pub async fn seal(&self, caller: &Caller, reason: &str) -> Result<SealStatus, VaultError> {
+        let mut ev = self.event(
+            caller,
+            AuditAction::Seal,
+            None,
+            None,
+            super::audit::Outcome::SUCCESS,
+            None,
+        );
+        ev.tenant = None;
+        ev.reason = Some(reason.trim().to_owned());
+        let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            super::keys::check_reason(reason)?;
+            if self.is_sealed() {
+                return Err(VaultError::FailedPrecondition(
+                    "vault is already sealed".into(),
+                ));
+            }
+            let _guard = self.lifecycle.lock().await;
+            self.store
+                .append_audit(ev.clone())
+                .await
+                .map_err(super::vault::storage)?;
+            self.install_ring(None);
+            self.unseal_state().shares.clear();
+            info!("vault sealed");
+            self.status_now().await
+        }
+        .await;
+        if let Err(e) = &res {
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+}

@@ -1,0 +1,357 @@
+//! `vault.v1.KeyService` over the domain's key lifecycle operations.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost_types::Timestamp;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::auth::Authenticator;
+use super::status::to_status;
+use crate::domain::keys::{DekStatus, KeyStatus};
+use crate::domain::store::{DekState, JobRecord, JobState};
+use crate::domain::unseal::SealStatus;
+use crate::domain::{Caller, Vault, VaultError};
+use crate::proto;
+use crate::proto::key_service_server::KeyService;
+use crate::proto::rotate_kek_request::Target;
+use crate::server::KekFactory;
+
+pub struct KeyServiceImpl {
+    vault: Arc<Vault>,
+    auth: Arc<Authenticator>,
+    keks: Arc<KekFactory>,
+}
+
+impl KeyServiceImpl {
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>, keks: Arc<KekFactory>) -> Self {
+        Self { vault, auth, keks }
+    }
+}
+
+fn ts(ms: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    })
+}
+
+fn dek(d: DekStatus) -> proto::DataKey {
+    let state = match d.state {
+        DekState::Active => proto::DataKeyState::Active,
+        DekState::DecryptOnly => proto::DataKeyState::DecryptOnly,
+        DekState::Destroyed => proto::DataKeyState::Destroyed,
+    };
+    proto::DataKey {
+        id: d.id,
+        tenant: d.tenant,
+        version: d.version,
+        state: state.into(),
+        kek_id: d.kek_id,
+        created_at: ts(d.created_ms),
+        encryptions: d.used,
+        encryption_limit: d.limit,
+        tokens: d.tokens,
+        rotation_due: d.rotation_due.unwrap_or_default(),
+    }
+}
+
+fn job(j: JobRecord) -> proto::Job {
+    let state = match j.state {
+        JobState::Running => proto::JobState::Running,
+        JobState::Completed => proto::JobState::Completed,
+        JobState::Failed => proto::JobState::Failed,
+    };
+    proto::Job {
+        job_id: j.id,
+        tenant: j.tenant,
+        state: state.into(),
+        total: j.total,
+        done: j.done,
+        created_at: ts(j.created_ms),
+        updated_at: ts(j.updated_ms),
+        error: j.error.unwrap_or_default(),
+        passes: j.passes,
+    }
+}
+
+fn seal_status(s: SealStatus) -> proto::SealStatus {
+    proto::SealStatus {
+        sealed: s.sealed,
+        threshold: u32::from(s.threshold),
+        submitted: u32::from(s.submitted),
+        kek_id: s.kek_id.unwrap_or_default(),
+    }
+}
+
+fn st(e: VaultError) -> Status {
+    to_status(&e)
+}
+
+fn small(n: u32, what: &str) -> Result<u8, Status> {
+    u8::try_from(n).map_err(|_| Status::invalid_argument(format!("{what} must be at most 16")))
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<proto::Job, Status>> + Send>>;
+
+impl KeyServiceImpl {
+    /// Builds the target KEK of a rotation. Failures are the operator's to
+    /// fix (a path, a label), so they are reported as such.
+    async fn target_kek(
+        &self,
+        caller: &Caller,
+        target: Option<Target>,
+    ) -> Result<(Arc<dyn crate::crypto::kek::Kek>, Vec<String>), VaultError> {
+        // Only administrators may make the vault touch files or the HSM.
+        caller.authorize(crate::domain::Action::ManageKeys)?;
+        let keks = self.keks.clone();
+        let bad = |e: String| VaultError::FailedPrecondition(format!("new KEK: {e}"));
+        let built = tokio::task::spawn_blocking(move || match target {
+            None => Err("a target KEK is required".to_owned()),
+            Some(Target::FilePath(p)) => keks.file(Path::new(&p)).map(|k| (k, Vec::new())),
+            Some(Target::Hsm(h)) => keks.hsm(&h.key_label, h.generate).map(|k| (k, Vec::new())),
+            Some(Target::Shamir(s)) => {
+                let shares = u8::try_from(s.shares).map_err(|_| "too many shares".to_owned())?;
+                let threshold =
+                    u8::try_from(s.threshold).map_err(|_| "threshold too large".to_owned())?;
+                keks.shamir(Path::new(&s.out_dir), shares, threshold)
+                    .map(|(k, files)| {
+                        (
+                            k,
+                            files.into_iter().map(|f| f.display().to_string()).collect(),
+                        )
+                    })
+            }
+        })
+        .await
+        .map_err(|_| VaultError::Internal)?;
+        built.map_err(bad)
+    }
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyServiceImpl {
+    async fn get_key_status(
+        &self,
+        request: Request<proto::GetKeyStatusRequest>,
+    ) -> Result<Response<proto::GetKeyStatusResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let KeyStatus {
+            sealed,
+            kek_id,
+            deks,
+        } = self.vault.key_status(&caller).await.map_err(st)?;
+        Ok(Response::new(proto::GetKeyStatusResponse {
+            sealed,
+            kek_id: kek_id.unwrap_or_default(),
+            data_keys: deks.into_iter().map(dek).collect(),
+        }))
+    }
+
+    async fn rotate_data_key(
+        &self,
+        request: Request<proto::RotateDataKeyRequest>,
+    ) -> Result<Response<proto::RotateDataKeyResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        let d = self
+            .vault
+            .rotate_dek(&caller, &r.tenant, &r.reason)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(proto::RotateDataKeyResponse {
+            data_key: Some(dek(d)),
+        }))
+    }
+
+    async fn rotate_kek(
+        &self,
+        request: Request<proto::RotateKekRequest>,
+    ) -> Result<Response<proto::RotateKekResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        if let Some(Target::Shamir(s)) = &r.target {
+            small(s.shares, "shares")?;
+            small(s.threshold, "threshold")?;
+        }
+        let (kek, share_files) = match self.target_kek(&caller, r.target).await {
+            Ok(k) => k,
+            Err(e) => {
+                // Refusals are audited like every other key action.
+                self.vault
+                    .audit_key_refusal(
+                        &caller,
+                        crate::domain::AuditAction::KekRotate,
+                        &r.reason,
+                        &e,
+                    )
+                    .await
+                    .map_err(st)?;
+                return Err(st(e));
+            }
+        };
+        let kek_id = self
+            .vault
+            .rotate_kek(&caller, kek, &r.reason)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(proto::RotateKekResponse {
+            kek_id,
+            share_files,
+        }))
+    }
+
+    async fn start_reencryption(
+        &self,
+        request: Request<proto::StartReencryptionRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        let j = self
+            .vault
+            .start_reencryption(&caller, &r.tenant, &r.reason)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(job(j)))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let j = self
+            .vault
+            .job(&caller, request.into_inner().job_id)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(job(j)))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let id = request.into_inner().job_id;
+        let first = self.vault.job(&caller, id).await.map_err(st)?;
+        let vault = self.vault.clone();
+        let stream = async_stream(vault, caller, first);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn destroy_data_key(
+        &self,
+        request: Request<proto::DestroyDataKeyRequest>,
+    ) -> Result<Response<proto::DestroyDataKeyResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        self.vault
+            .destroy_dek(&caller, r.data_key_id, &r.reason)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(proto::DestroyDataKeyResponse {}))
+    }
+
+    async fn request_tenant_shred(
+        &self,
+        request: Request<proto::RequestTenantShredRequest>,
+    ) -> Result<Response<proto::ShredRequest>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        let req = self
+            .vault
+            .request_shred(&caller, &r.tenant, &r.reason)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(proto::ShredRequest {
+            request_id: req.id,
+            tenant: req.tenant.as_str().to_owned(),
+            requested_by: req.requester,
+            expires_at: ts(req.created_ms + crate::domain::keys::SHRED_REQUEST_TTL_MS),
+        }))
+    }
+
+    async fn approve_tenant_shred(
+        &self,
+        request: Request<proto::ApproveTenantShredRequest>,
+    ) -> Result<Response<proto::ApproveTenantShredResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        let ids = self
+            .vault
+            .approve_shred(&caller, r.request_id, &r.reason)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(proto::ApproveTenantShredResponse {
+            data_key_ids: ids,
+        }))
+    }
+
+    async fn unseal(
+        &self,
+        request: Request<proto::UnsealRequest>,
+    ) -> Result<Response<proto::SealStatus>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let mut r = request.into_inner();
+        let res = if r.share.trim().is_empty() {
+            self.vault.unseal_from_source(&caller).await
+        } else {
+            self.vault.submit_share(&caller, &r.share).await
+        };
+        zeroize::Zeroize::zeroize(&mut r.share);
+        Ok(Response::new(seal_status(res.map_err(st)?)))
+    }
+
+    async fn seal(
+        &self,
+        request: Request<proto::SealRequest>,
+    ) -> Result<Response<proto::SealStatus>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        let s = self.vault.seal(&caller, &r.reason).await.map_err(st)?;
+        Ok(Response::new(seal_status(s)))
+    }
+
+    async fn get_seal_status(
+        &self,
+        request: Request<proto::GetSealStatusRequest>,
+    ) -> Result<Response<proto::SealStatus>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let s = self.vault.seal_status(&caller).await.map_err(st)?;
+        Ok(Response::new(seal_status(s)))
+    }
+}
+
+/// Emits the job now and then every 500 ms until it is no longer running.
+fn async_stream(
+    vault: Arc<Vault>,
+    caller: Caller,
+    first: JobRecord,
+) -> impl Stream<Item = Result<proto::Job, Status>> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let id = first.id;
+        let mut current = first;
+        loop {
+            let running = current.state == JobState::Running;
+            if tx.send(Ok(job(current))).await.is_err() || !running {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            current = match vault.job(&caller, id).await {
+                Ok(j) => j,
+                Err(e) => {
+                    let _ = tx.send(Err(to_status(&e))).await;
+                    return;
+                }
+            };
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
