@@ -157,6 +157,32 @@ pub const DEV_CLIENTS: &[DevClient] = &[
         tenant: "*",
         roles: &["admin"],
     },
+    // A second administrator, for dual control (crypto-shredding approval).
+    DevClient {
+        name: "admin-2",
+        identity: "spiffe://tokenvault.dev/admin-2",
+        tenant: "*",
+        roles: &["admin"],
+    },
+    // Key custodians: each may submit one share of a split KEK.
+    DevClient {
+        name: "custodian-1",
+        identity: "spiffe://tokenvault.dev/custodian-1",
+        tenant: "*",
+        roles: &["custodian"],
+    },
+    DevClient {
+        name: "custodian-2",
+        identity: "spiffe://tokenvault.dev/custodian-2",
+        tenant: "*",
+        roles: &["custodian"],
+    },
+    DevClient {
+        name: "custodian-3",
+        identity: "spiffe://tokenvault.dev/custodian-3",
+        tenant: "*",
+        roles: &["custodian"],
+    },
 ];
 
 /// Paths inside a development data directory.

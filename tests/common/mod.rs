@@ -9,14 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tempfile::TempDir;
-use tokenvault::client::{ClientPki, connect};
+use tokenvault::client::{ClientPki, channel, connect};
 use tokenvault::config::Config;
 use tokenvault::devpki::{DevLayout, ensure_dev_dir};
+use tokenvault::proto::key_service_client::KeyServiceClient;
 use tokenvault::proto::token_service_client::TokenServiceClient;
-use tokenvault::server::{StartError, load_kek, open_vault, serve};
+use tokenvault::server::{StartError, open_configured, serve};
 use tonic::transport::Channel;
 
 pub type Client = TokenServiceClient<Channel>;
+pub type KeysClient = KeyServiceClient<Channel>;
 
 /// The example callers of the development setup.
 pub const ACME_CHECKOUT: &str = "acme-checkout";
@@ -25,6 +27,8 @@ pub const GLOBEX_CHECKOUT: &str = "globex-checkout";
 pub const GLOBEX_PAYMENTS: &str = "globex-payments";
 pub const AUDITOR: &str = "auditor";
 pub const ADMIN: &str = "admin";
+pub const ADMIN_2: &str = "admin-2";
+pub const CUSTODIANS: [&str; 3] = ["custodian-1", "custodian-2", "custodian-3"];
 
 pub struct TestVault {
     pub dir: TempDir,
@@ -36,12 +40,26 @@ pub struct TestVault {
 
 /// Loads the dev config of `root` with `overrides` applied as environment.
 pub fn dev_config(root: &Path, overrides: &[(&str, &str)]) -> Config {
+    try_dev_config(root, overrides).unwrap()
+}
+
+pub fn try_dev_config(root: &Path, overrides: &[(&str, &str)]) -> Result<Config, StartError> {
     let l = ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap();
     let env: HashMap<String, String> = overrides
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Config::load(&l.config(), &env).unwrap()
+    Ok(Config::load(&l.config(), &env)?)
+}
+
+/// Appends TOML to the dev config of `root` (creating the dev directory
+/// first), e.g. a `[keys]` section.
+pub fn append_config(root: &Path, toml: &str) {
+    let l = ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut text = std::fs::read_to_string(l.config()).unwrap();
+    text.push('\n');
+    text.push_str(toml);
+    std::fs::write(l.config(), text).unwrap();
 }
 
 impl TestVault {
@@ -63,16 +81,16 @@ impl TestVault {
         dir: TempDir,
         env: &[(&str, &str)],
     ) -> Result<Self, (TempDir, StartError)> {
-        let cfg = dev_config(dir.path(), env);
+        let cfg = match try_dev_config(dir.path(), env) {
+            Ok(c) => c,
+            Err(e) => return Err((dir, e)),
+        };
         let envmap: HashMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let kek = match load_kek(&cfg, &envmap) {
-            Ok(k) => k,
-            Err(e) => return Err((dir, e)),
-        };
-        let vault = match open_vault(&cfg, kek).await {
+        // As `vault serve` does: KEK loaded, or sealed for a split KEK.
+        let vault = match open_configured(&cfg, &envmap).await {
             Ok(v) => v,
             Err(e) => return Err((dir, e)),
         };
@@ -105,6 +123,11 @@ impl TestVault {
 
     pub async fn client(&self, name: &str) -> Client {
         connect(&self.url(), &self.pki(name)).await.unwrap()
+    }
+
+    /// A KeyService client for caller `name`.
+    pub async fn keys(&self, name: &str) -> KeysClient {
+        KeysClient::new(channel(&self.url(), &self.pki(name)).await.unwrap())
     }
 
     pub fn db_path(&self) -> PathBuf {
