@@ -1,0 +1,61 @@
+//! `vault dev` and `vault serve`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokenvault::config::{Config, ProcessEnv};
+use tokenvault::devpki::{DEV_CLIENTS, ensure_dev_dir};
+use tokenvault::server::{StartError, open_configured, serve as serve_vault, shutdown_signal};
+
+pub async fn dev(data_dir: &Path, listen: SocketAddr) -> Result<(), String> {
+    let layout = ensure_dev_dir(data_dir, listen).map_err(|e| e.to_string())?;
+    let mut cfg = Config::load(&layout.config(), &ProcessEnv).map_err(|e| e.to_string())?;
+    cfg.listen = listen;
+    let dir = data_dir.to_owned();
+    run_server(cfg, move |addr| print_dev_help(&dir, addr))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub async fn serve(config: &Path) -> Result<(), String> {
+    let cfg = Config::load(config, &ProcessEnv).map_err(|e| e.to_string())?;
+    run_server(cfg, |_| {}).await.map_err(|e| e.to_string())
+}
+
+/// Opens the vault, binds, announces the bound address on standard output
+/// (`listening on ADDR`, one line, for scripts and tests using port 0), and
+/// serves until SIGTERM or SIGINT.
+async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
+    let vault = open_configured(&cfg, &ProcessEnv).await?;
+    let shutdown = shutdown_signal();
+    if vault.is_sealed() {
+        tracing::warn!("vault is sealed: custodians must submit their shares (vault unseal)");
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| StartError::Serve(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Serve(e.to_string()))?;
+    tracing::info!(%addr, "vault serving (mutual TLS)");
+    announce(addr);
+    println!("listening on {addr}");
+    serve_vault(listener, &cfg, vault, shutdown).await
+}
+
+fn print_dev_help(data_dir: &Path, listen: SocketAddr) {
+    let d = data_dir.display();
+    let names: Vec<&str> = DEV_CLIENTS.iter().map(|c| c.name).collect();
+    println!(
+        "tokenvault development setup in {d}\n\
+         \x20 serving {listen} with mutual TLS; client certificates: {}\n\
+         \x20 tokenize (card number on stdin):\n\
+         \x20   vault client --data-dir {d} --server https://{listen} --as acme-checkout tokenize\n\
+         \x20 detokenize:\n\
+         \x20   vault client --data-dir {d} --server https://{listen} --as acme-payments detokenize TOKEN --purpose \"charge order 42\"\n\
+         \x20 key status:\n\
+         \x20   vault keys status --data-dir {d} --server https://{listen}\n\
+         \x20 (with cargo: cargo run --release -- client ...)",
+        names.join(", ")
+    );
+}
