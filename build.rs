@@ -5,7 +5,11 @@
 use std::{env, error::Error, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let protos = ["proto/vault/v1/token.proto", "proto/vault/v1/keys.proto"];
+    let protos = [
+        "proto/vault/v1/token.proto",
+        "proto/vault/v1/keys.proto",
+        "proto/vault/v1/audit.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

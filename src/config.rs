@@ -23,6 +23,8 @@ pub struct Config {
     #[serde(default)]
     pub keys: KeyPolicy,
     #[serde(default)]
+    pub audit: AuditPolicy,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub server: ServerOptions,
@@ -113,6 +115,25 @@ fn default_max_batch() -> usize {
 }
 fn default_counter_block() -> u64 {
     65_536
+}
+
+/// When the audit chain's head is signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditPolicy {
+    /// Sign a checkpoint after this many new entries…
+    pub checkpoint_every_entries: u64,
+    /// …or this many seconds after the last one, whichever comes first.
+    pub checkpoint_every_seconds: u64,
+}
+
+impl Default for AuditPolicy {
+    fn default() -> Self {
+        Self {
+            checkpoint_every_entries: 10_000,
+            checkpoint_every_seconds: 60,
+        }
+    }
 }
 
 /// Data-key lifecycle policy.
@@ -343,6 +364,9 @@ impl Config {
         }
         if k.reencrypt_batch == 0 {
             return bad("keys.reencrypt_batch must be at least 1".into());
+        }
+        if self.audit.checkpoint_every_entries == 0 || self.audit.checkpoint_every_seconds == 0 {
+            return bad("audit.checkpoint_every_entries and _seconds must be at least 1".into());
         }
         if self.limits.max_message_bytes < 1024 {
             return bad("limits.max_message_bytes must be at least 1024".into());

@@ -38,6 +38,7 @@
 //! the audit record with the purpose is committed → only then is the PAN
 //! returned. If the audit record cannot be written the call fails.
 
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod crypto;

@@ -19,10 +19,13 @@ use crate::crypto::hsm::{HsmKek, HsmSettings};
 use crate::crypto::kek::KeyBytes;
 use crate::crypto::kek::{Kek, LocalKek};
 use crate::crypto::shamir::{split, write_share_files};
+use crate::domain::auditing::CheckpointPolicy;
 use crate::domain::{Vault, VaultSettings};
+use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::storage::{SqliteOptions, SqliteStore};
+use crate::transport::audit::AuditServiceImpl;
 use crate::transport::auth::Authenticator;
 use crate::transport::grpc::TokenServiceImpl;
 use crate::transport::keys::KeyServiceImpl;
@@ -249,9 +252,16 @@ pub async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let keks = Arc::new(KekFactory::new(cfg, &ProcessEnv));
-    let key_svc = KeyServiceServer::new(KeyServiceImpl::new(vault.clone(), auth, keks))
+    let key_svc = KeyServiceServer::new(KeyServiceImpl::new(vault.clone(), auth.clone(), keks))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let audit_svc = AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(1 << 20);
+    let checkpointer = tokio::spawn(vault.clone().run_checkpointer(CheckpointPolicy {
+        every_entries: cfg.audit.checkpoint_every_entries,
+        every: Duration::from_secs(cfg.audit.checkpoint_every_seconds),
+    }));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     // Health follows the seal: a sealed vault is up but cannot serve data.
@@ -318,7 +328,8 @@ pub async fn serve(
         .add_service(health_svc)
         .add_optional_service(reflection)
         .add_service(svc)
-        .add_service(key_svc);
+        .add_service(key_svc)
+        .add_service(audit_svc);
     let serving = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serving);
     let drain = Duration::from_secs(cfg.server.drain_seconds);
@@ -337,9 +348,18 @@ pub async fn serve(
         }
     };
     health_task.abort();
+    checkpointer.abort();
     health
         .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
         .await;
+    // The last word before stopping: a signed checkpoint of the final head.
+    if !vault.is_sealed() {
+        match vault.checkpoint_now().await {
+            Ok(Some(cp)) => info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "audit checkpoint at shutdown failed"),
+        }
+    }
     vault.store().close().await?;
     info!("vault stopped; all acknowledged writes are committed");
     result

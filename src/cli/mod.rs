@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use tokenvault::client::ClientPki;
 use tonic::transport::Channel;
 
+mod audit;
 mod data;
 mod keys;
 mod serve;
@@ -46,6 +47,11 @@ enum Cmd {
     Keys {
         #[command(subcommand)]
         cmd: keys::KeysCmd,
+    },
+    /// The audit log: export, offline verification, key-lifecycle report.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
     },
     /// Submit a custodian's share of a split KEK (`--share-file`), or, with
     /// no share, reload a file or HSM KEK after an administrator sealed.
@@ -110,6 +116,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Serve { config } => serve::serve(&config).await,
         Cmd::Client { conn, call } => data::run(&conn, call).await,
         Cmd::Keys { cmd } => keys::run(cmd).await,
+        Cmd::Audit { cmd } => audit::run(cmd).await,
         Cmd::Unseal { conn, share_file } => keys::unseal(&conn, share_file.as_deref()).await,
         Cmd::Seal { conn, reason } => keys::seal(&conn, reason).await,
         Cmd::SealStatus { conn } => keys::seal_status(&conn).await,

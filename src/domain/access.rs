@@ -165,6 +165,9 @@ pub enum Action {
     ManageKeys,
     /// Submit an unseal share, or read unseal progress.
     Unseal,
+    /// Read the audit log (auditors only: administrators act, auditors
+    /// review).
+    ReadAudit,
 }
 
 impl Action {
@@ -181,6 +184,7 @@ impl Action {
             Self::ReadKeys => RoleSet::new([Role::Admin, Role::Audit]),
             Self::ManageKeys => RoleSet::new([Role::Admin]),
             Self::Unseal => RoleSet::new([Role::Admin, Role::Custodian]),
+            Self::ReadAudit => RoleSet::new([Role::Audit]),
         }
     }
 }
@@ -241,6 +245,7 @@ impl Action {
             Self::ReadKeys => "read key status",
             Self::ManageKeys => "manage keys",
             Self::Unseal => "unseal the vault",
+            Self::ReadAudit => "read the audit log",
         }
     }
 }

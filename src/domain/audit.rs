@@ -33,6 +33,10 @@ pub enum AuditAction {
     UnsealShare,
     Unseal,
     Seal,
+    /// The checkpoint signing key was generated and stored wrapped.
+    AuditKeyCreate,
+    /// An auditor read the audit log (PCI DSS 10.2.1.3).
+    AuditRead,
 }
 
 impl AuditAction {
@@ -55,10 +59,12 @@ impl AuditAction {
             Self::UnsealShare => "unseal_share",
             Self::Unseal => "unseal",
             Self::Seal => "seal",
+            Self::AuditKeyCreate => "audit_key_create",
+            Self::AuditRead => "audit_read",
         }
     }
 
-    pub const ALL: [AuditAction; 17] = [
+    pub const ALL: [AuditAction; 19] = [
         Self::Tokenize,
         Self::Detokenize,
         Self::GetMetadata,
@@ -76,17 +82,24 @@ impl AuditAction {
         Self::UnsealShare,
         Self::Unseal,
         Self::Seal,
+        Self::AuditKeyCreate,
+        Self::AuditRead,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|a| a.as_str() == s)
     }
 
-    /// Key lifecycle events, as opposed to data access.
+    /// Key lifecycle events, as opposed to data access (which includes
+    /// reads of the audit log itself).
     pub fn is_key_event(self) -> bool {
         !matches!(
             self,
-            Self::Tokenize | Self::Detokenize | Self::GetMetadata | Self::DeleteToken
+            Self::Tokenize
+                | Self::Detokenize
+                | Self::GetMetadata
+                | Self::DeleteToken
+                | Self::AuditRead
         )
     }
 }
@@ -173,4 +186,18 @@ pub struct AuditRecord {
     pub key_version: Option<u32>,
     pub reason: Option<String>,
     pub approvers: Option<String>,
+    /// The entry's hash and the chain head after it, as stored.
+    pub entry_hash: Option<[u8; 32]>,
+    pub chain_hash: Option<[u8; 32]>,
+}
+
+/// A signed statement of the audit chain's head at `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub chain_hash: [u8; 32],
+    pub time_ms: i64,
+    pub signature: Vec<u8>,
+    /// Which signing key (see `audit::signer::key_id`).
+    pub key_id: String,
 }

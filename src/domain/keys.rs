@@ -252,8 +252,16 @@ impl Vault {
             old.id(),
             new.id()
         ));
+        // The audit signing key is wrapped under the KEK too.
+        let signing = match self.signer() {
+            Some(s) => Some(
+                s.wrap(&**new)
+                    .map_err(|e| internal("re-wrap signing key", e))?,
+            ),
+            None => None,
+        };
         self.store
-            .rewrap_deks(&pin, rows, ev)
+            .rewrap_deks(&pin, rows, signing, ev)
             .await
             .map_err(storage)?;
         ring.set_kek(new.clone());

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod auditing;
 pub mod data;
 pub mod error;
 pub mod keys;

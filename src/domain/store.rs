@@ -13,7 +13,7 @@
 use async_trait::async_trait;
 use thiserror::Error;
 
-use super::audit::{AuditEvent, AuditRecord};
+use super::audit::{AuditEvent, AuditRecord, Checkpoint};
 use super::pan::CardBrand;
 use super::token::Token;
 
@@ -190,6 +190,33 @@ impl std::fmt::Debug for Reencrypted {
     }
 }
 
+/// Which audit records an auditor wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// `Some(true)`: key lifecycle events only; `Some(false)`: data access
+    /// only.
+    pub key_events: Option<bool>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub tenant: Option<String>,
+    pub actor: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// The checkpoint signing key as stored: the private half wrapped by the
+/// KEK, the public half in clear.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSigningKey {
+    pub wrapped: Vec<u8>,
+    pub public: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSigningKey").finish_non_exhaustive()
+    }
+}
+
 /// What pins the KEK to a database: its identifier and a check blob (a known
 /// value wrapped under it) that only the right KEK can open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,13 +273,42 @@ pub trait Store: Send + Sync + 'static {
     /// Crypto-shredding: destroys every DEK of `tenant`, referenced or not.
     /// Returns the ids destroyed.
     async fn shred_tenant(&self, tenant: &str, audit: AuditEvent) -> Result<Vec<u32>, StoreError>;
-    /// KEK rotation: replaces the wrapped form of the listed DEKs and the KEK
-    /// pin in one commit. `Precondition` unless the list covers every
-    /// undestroyed DEK.
+    /// KEK rotation: replaces the wrapped form of the listed DEKs, of the
+    /// audit signing key (if given) and the KEK pin in one commit.
+    /// `Precondition` unless the list covers every undestroyed DEK.
     async fn rewrap_deks(
         &self,
         pin: &KekCheck,
         rewrapped: Vec<(u32, Vec<u8>)>,
+        signing_key: Option<Vec<u8>>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// The audit chain's head: the last sequence number and chain hash
+    /// (0 and the genesis hash when empty).
+    async fn audit_head(&self) -> Result<(u64, [u8; 32]), StoreError>;
+    /// Audit records matching `filter` with `seq > after`, oldest first.
+    async fn query_audit(
+        &self,
+        filter: &AuditFilter,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Appends a checkpoint. `Conflict` if one exists for its seq.
+    async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError>;
+    async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// Checkpoints with `seq > after`, oldest first, at most `limit`.
+    async fn checkpoints_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Checkpoint>, StoreError>;
+    async fn signing_key(&self) -> Result<Option<StoredSigningKey>, StoreError>;
+    /// Stores the signing key once, with its audit event. `Conflict` if one
+    /// exists.
+    async fn init_signing_key(
+        &self,
+        key: &StoredSigningKey,
         audit: AuditEvent,
     ) -> Result<(), StoreError>;
 

@@ -224,9 +224,9 @@ impl Vault {
         caller: &Caller,
         kek: Arc<dyn Kek>,
     ) -> Result<(), VaultError> {
-        let ring = self.open_ring(kek).await.map_err(open_failed)?;
-        let kek_id = ring.kek().id().to_owned();
-        self.install_ring(Some(ring));
+        let keys = self.open_ring(kek).await.map_err(open_failed)?;
+        let kek_id = keys.0.kek().id().to_owned();
+        self.install_ring(Some(keys));
         let mut ev = self.event(
             caller,
             AuditAction::Unseal,

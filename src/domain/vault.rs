@@ -16,9 +16,10 @@ use super::access::{Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent, Outcome};
 use super::error::VaultError;
 use super::keys::ShredRequest;
-use super::store::{KekCheck, Store, StoreError};
+use super::store::{KekCheck, Store, StoreError, StoredSigningKey};
 use super::token::Token;
 use super::unseal::UnsealState;
+use crate::audit::signer::AuditSigner;
 use crate::crypto::CryptoError;
 use crate::crypto::kek::{Kek, KeyBytes};
 use crate::crypto::keyring::{DataKey, HARD_USE_LIMIT, KeyRing, Use};
@@ -68,6 +69,8 @@ pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
     /// `None` while sealed.
     ring: RwLock<Option<Arc<KeyRing>>>,
+    /// The checkpoint signing key; `None` while sealed.
+    signer: RwLock<Option<Arc<AuditSigner>>>,
     pub(crate) settings: VaultSettings,
     /// Serialises key lifecycle changes (creation, rotation, destruction,
     /// KEK rotation), so no two race on one tenant's keys.
@@ -118,7 +121,12 @@ pub enum OpenError {
     Storage(#[from] StoreError),
     #[error("crypto: {0}")]
     Crypto(#[from] CryptoError),
+    #[error("audit signing key: {0}; refusing to start")]
+    SigningKey(CryptoError),
 }
+
+/// What unsealing loads: the key ring and the checkpoint signing key.
+pub(crate) type Unsealed = (Arc<KeyRing>, Arc<AuditSigner>);
 
 impl Vault {
     fn new(store: Arc<dyn Store>, settings: VaultSettings) -> Self {
@@ -126,6 +134,7 @@ impl Vault {
         Self {
             store,
             ring: RwLock::new(None),
+            signer: RwLock::new(None),
             settings,
             lifecycle: tokio::sync::Mutex::new(()),
             sealed_tx,
@@ -145,8 +154,8 @@ impl Vault {
         settings: VaultSettings,
     ) -> Result<Self, OpenError> {
         let v = Self::new(store, settings);
-        let ring = v.open_ring(kek).await?;
-        v.install_ring(Some(ring));
+        let keys = v.open_ring(kek).await?;
+        v.install_ring(Some(keys));
         Ok(v)
     }
 
@@ -162,9 +171,10 @@ impl Vault {
         self
     }
 
-    /// Checks `kek` against the pin (pinning it on a new database) and
-    /// unwraps every live data key with it.
-    pub(crate) async fn open_ring(&self, kek: Arc<dyn Kek>) -> Result<Arc<KeyRing>, OpenError> {
+    /// Checks `kek` against the pin (pinning it on a new database), unwraps
+    /// every live data key with it, and unwraps (or on a new database
+    /// creates) the checkpoint signing key.
+    pub(crate) async fn open_ring(&self, kek: Arc<dyn Kek>) -> Result<Unsealed, OpenError> {
         match self.store.kek_check().await? {
             None => {
                 let probe = KeyBytes::generate()?;
@@ -187,21 +197,46 @@ impl Vault {
                     .map_err(|_| OpenError::KekCheckFailed)?;
             }
         }
-        let ring = KeyRing::new(kek, self.settings.max_uses);
+        let ring = KeyRing::new(kek.clone(), self.settings.max_uses);
         for w in self.store.load_deks().await? {
             ring.load(&w)
                 .map_err(|reason| OpenError::DekUnwrap { id: w.id, reason })?;
         }
-        Ok(Arc::new(ring))
+        let signer = match self.store.signing_key().await? {
+            Some(k) => {
+                AuditSigner::unwrap(&*kek, &k.wrapped, &k.public).map_err(OpenError::SigningKey)?
+            }
+            None => {
+                let s = AuditSigner::generate()?;
+                let stored = StoredSigningKey {
+                    wrapped: s.wrap(&*kek)?,
+                    public: s.public().to_vec(),
+                };
+                let mut audit =
+                    AuditEvent::new(now_ms(), SYSTEM_ACTOR, AuditAction::AuditKeyCreate);
+                audit.detail = Some(format!("key={} kek={}", s.key_id(), kek.id()));
+                self.store.init_signing_key(&stored, audit).await?;
+                s
+            }
+        };
+        Ok((Arc::new(ring), Arc::new(signer)))
     }
 
-    /// Installs (unseal) or drops (seal) the key ring. Dropping it wipes the
-    /// key schedules once in-flight calls let go of them.
-    pub(crate) fn install_ring(&self, ring: Option<Arc<KeyRing>>) {
-        let sealed = ring.is_none();
+    /// Installs (unseal) or drops (seal) the key ring and signing key.
+    /// Dropping them wipes the keys once in-flight calls let go of them.
+    pub(crate) fn install_ring(&self, keys: Option<Unsealed>) {
+        let sealed = keys.is_none();
+        let (ring, signer) = match keys {
+            Some((r, s)) => (Some(r), Some(s)),
+            None => (None, None),
+        };
         match self.ring.write() {
             Ok(mut r) => *r = ring,
             Err(p) => *p.into_inner() = ring,
+        }
+        match self.signer.write() {
+            Ok(mut r) => *r = signer,
+            Err(p) => *p.into_inner() = signer,
         }
         self.sealed_tx.send_replace(sealed);
         info!(sealed, "vault seal state changed");
@@ -211,6 +246,14 @@ impl Vault {
     pub fn ring(&self) -> Result<Arc<KeyRing>, VaultError> {
         let r = self.ring.read().unwrap_or_else(PoisonError::into_inner);
         r.clone().ok_or(VaultError::Sealed)
+    }
+
+    /// The checkpoint signing key, unless sealed.
+    pub fn signer(&self) -> Option<Arc<AuditSigner>> {
+        self.signer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn is_sealed(&self) -> bool {

@@ -23,11 +23,11 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use crate::domain::audit::{AuditEvent, AuditRecord};
+use crate::domain::audit::{AuditEvent, AuditRecord, Checkpoint};
 use crate::domain::pan::CardBrand;
 use crate::domain::store::{
-    DekState, JobRecord, JobState, KekCheck, Reencrypted, Store, StoreError, TokenRecord,
-    WrappedDek,
+    AuditFilter, DekState, JobRecord, JobState, KekCheck, Reencrypted, Store, StoreError,
+    StoredSigningKey, TokenRecord, WrappedDek,
 };
 use crate::domain::token::Token;
 
@@ -97,6 +97,38 @@ fn common_pragmas(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl SqliteStore {
+    /// Checkpoints by a `WHERE … ORDER BY …` tail whose `?1` (if any) is
+    /// `after`.
+    fn checkpoints_query(&self, tail: &str, after: u64) -> Result<Vec<Checkpoint>, StoreError> {
+        let sql =
+            format!("SELECT seq, chain_hash, time_ms, signature, key_id FROM checkpoints {tail}");
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.read(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Checkpoint> {
+                let h: Vec<u8> = r.get(1)?;
+                Ok(Checkpoint {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    chain_hash: h.try_into().map_err(|_| {
+                        rusqlite::Error::InvalidColumnType(
+                            1,
+                            "chain_hash".into(),
+                            rusqlite::types::Type::Blob,
+                        )
+                    })?,
+                    time_ms: r.get(2)?,
+                    signature: r.get(3)?,
+                    key_id: r.get(4)?,
+                })
+            };
+            if sql.contains("?1") {
+                st.query_map(params![after], map)?.collect()
+            } else {
+                st.query_map([], map)?.collect()
+            }
+        })
+    }
+
     /// Opens (creating if needed) the database at `path`, migrates it to the
     /// current schema and starts the writer.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<Self, StoreError> {
@@ -231,7 +263,14 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     })
 }
 
-fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+/// Columns for [`audit_from_row`], in order.
+pub(crate) const AUDIT_COLUMNS: &str = "seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail, key_id, key_version, reason, approvers, entry_hash, chain_hash";
+
+fn hash_col(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
+    v.and_then(|b| <[u8; 32]>::try_from(b).ok())
+}
+
+pub(crate) fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     let token: Option<Vec<u8>> = r.get(5)?;
     Ok(AuditRecord {
         seq: r.get::<_, i64>(0)?.try_into().unwrap_or(0),
@@ -250,6 +289,8 @@ fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
         key_version: r.get(11)?,
         reason: r.get(12)?,
         approvers: r.get(13)?,
+        entry_hash: hash_col(r.get(14)?),
+        chain_hash: hash_col(r.get(15)?),
     })
 }
 
@@ -378,11 +419,9 @@ impl Store for SqliteStore {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail,
-                        key_id, key_version, reason, approvers
-                 FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))?;
             let rows = st.query_map(params![after, limit], audit_from_row)?;
             rows.collect()
         })
@@ -417,9 +456,120 @@ impl Store for SqliteStore {
         &self,
         pin: &KekCheck,
         rewrapped: Vec<(u32, Vec<u8>)>,
+        signing_key: Option<Vec<u8>>,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        self.write(Op::RewrapDeks(pin.clone(), rewrapped, audit))
+        self.write(Op::RewrapDeks(pin.clone(), rewrapped, signing_key, audit))
+            .await
+            .map(|_| ())
+    }
+
+    async fn audit_head(&self) -> Result<(u64, [u8; 32]), StoreError> {
+        let row: Option<(i64, Option<Vec<u8>>)> = self.read(|c| {
+            c.prepare_cached("SELECT seq, chain_hash FROM audit ORDER BY seq DESC LIMIT 1")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })?;
+        match row {
+            None => Ok((0, crate::audit::chain::GENESIS)),
+            Some((seq, h)) => Ok((
+                u64::try_from(seq).unwrap_or(0),
+                hash_col(h)
+                    .ok_or_else(|| StoreError::Corrupt(format!("audit {seq} has no chain hash")))?,
+            )),
+        }
+    }
+
+    async fn query_audit(
+        &self,
+        filter: &AuditFilter,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        use rusqlite::types::Value;
+        let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?");
+        let mut args: Vec<Value> = vec![Value::Integer(i64::try_from(after).unwrap_or(i64::MAX))];
+        let mut eq = |col: &str, v: &Option<String>, sql: &mut String| {
+            if let Some(v) = v {
+                sql.push_str(&format!(" AND {col} = ?"));
+                args.push(Value::Text(v.clone()));
+            }
+        };
+        eq("tenant", &filter.tenant, &mut sql);
+        eq("actor", &filter.actor, &mut sql);
+        eq("outcome", &filter.outcome, &mut sql);
+        if let Some(from) = filter.from_ms {
+            sql.push_str(" AND time_ms >= ?");
+            args.push(Value::Integer(from));
+        }
+        if let Some(to) = filter.to_ms {
+            sql.push_str(" AND time_ms < ?");
+            args.push(Value::Integer(to));
+        }
+        if let Some(key) = filter.key_events {
+            let data = [
+                "tokenize",
+                "detokenize",
+                "get_metadata",
+                "delete_token",
+                "audit_read",
+            ]
+            .map(|a| format!("'{a}'"))
+            .join(",");
+            sql.push_str(&format!(
+                " AND action {} ({data})",
+                if key { "NOT IN" } else { "IN" }
+            ));
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        self.read(|c| {
+            let mut st = c.prepare(&sql)?;
+            let rows = st.query_map(rusqlite::params_from_iter(args), audit_from_row)?;
+            rows.collect()
+        })
+    }
+
+    async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError> {
+        self.write(Op::InsertCheckpoint(cp.clone()))
+            .await
+            .map(|_| ())
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self
+            .checkpoints_query("ORDER BY seq DESC LIMIT 1", 0)?
+            .pop())
+    }
+
+    async fn checkpoints_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.checkpoints_query(&format!("WHERE seq > ?1 ORDER BY seq LIMIT {limit}"), after)
+    }
+
+    async fn signing_key(&self) -> Result<Option<StoredSigningKey>, StoreError> {
+        self.read(|c| {
+            let get = |k: &str| -> rusqlite::Result<Option<Vec<u8>>> {
+                c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                    .query_row(params![k], |r| r.get(0))
+                    .optional()
+            };
+            Ok(get("audit_signing_key")?
+                .zip(get("audit_public_key")?)
+                .map(|(wrapped, public)| StoredSigningKey { wrapped, public }))
+        })
+    }
+
+    async fn init_signing_key(
+        &self,
+        key: &StoredSigningKey,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.write(Op::InitSigningKey(key.clone(), audit))
             .await
             .map(|_| ())
     }
@@ -529,4 +679,56 @@ impl Store for SqliteStore {
         debug!(path = %self.path.display(), "sqlite store closed");
         Ok(())
     }
+}
+
+/// Audit records, checkpoints and the checkpoint public key, if any.
+pub type OfflineAudit = (Vec<AuditRecord>, Vec<Checkpoint>, Option<Vec<u8>>);
+
+/// Everything an offline audit export needs, read straight from a database
+/// file through a read-only connection (the vault may be running): every
+/// audit record, every checkpoint, and the checkpoint public key.
+pub fn read_audit_offline(path: &Path) -> Result<OfflineAudit, StoreError> {
+    let c =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(unavailable)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(unavailable)?;
+    let tx = c.unchecked_transaction().map_err(unavailable)?;
+    let entries = {
+        let mut st = tx
+            .prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"))
+            .map_err(unavailable)?;
+        let rows = st.query_map([], audit_from_row).map_err(unavailable)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(unavailable)?
+    };
+    let checkpoints = {
+        let mut st = tx
+            .prepare(
+                "SELECT seq, chain_hash, time_ms, signature, key_id FROM checkpoints ORDER BY seq",
+            )
+            .map_err(unavailable)?;
+        let rows = st
+            .query_map([], |r| {
+                let h: Vec<u8> = r.get(1)?;
+                Ok(Checkpoint {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    chain_hash: h.try_into().unwrap_or([0u8; 32]),
+                    time_ms: r.get(2)?,
+                    signature: r.get(3)?,
+                    key_id: r.get(4)?,
+                })
+            })
+            .map_err(unavailable)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(unavailable)?
+    };
+    let public: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'audit_public_key'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    Ok((entries, checkpoints, public))
 }

@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::map_err;
 use super::writer::{BatchCtx, Done, Op};
+use crate::audit::chain::{Entry, link};
 use crate::domain::audit::{AuditEvent, Outcome};
 use crate::domain::store::{JobRecord, KekCheck, Reencrypted, StoreError, TokenRecord, WrappedDek};
 use crate::domain::token::Token;
@@ -93,9 +94,37 @@ pub fn apply(tx: &Connection, op: &Op, ctx: &mut BatchCtx<'_>) -> Result<Done, O
         Op::ShredTenant(tenant, audit) => {
             savepoint(tx, ctx, |tx, ctx| shred_tenant(tx, tenant, audit, ctx))
         }
-        Op::RewrapDeks(pin, rows, audit) => {
-            savepoint(tx, ctx, |tx, ctx| rewrap(tx, pin, rows, audit, ctx))
+        Op::RewrapDeks(pin, rows, signing, audit) => savepoint(tx, ctx, |tx, ctx| {
+            if let Some(w) = signing {
+                let n = tx
+                    .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'audit_signing_key'")?
+                    .execute(params![w])?;
+                if n != 1 {
+                    return Err(rejected("no audit signing key to re-wrap"));
+                }
+            }
+            rewrap(tx, pin, rows, audit, ctx)
+        }),
+        Op::InsertCheckpoint(cp) => {
+            tx.prepare_cached(
+                "INSERT INTO checkpoints (seq, chain_hash, time_ms, signature, key_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                to_i64(cp.seq),
+                &cp.chain_hash[..],
+                cp.time_ms,
+                cp.signature,
+                cp.key_id
+            ])?;
+            Ok(Done::Unit)
         }
+        Op::InitSigningKey(key, audit) => savepoint(tx, ctx, |tx, ctx| {
+            let mut st = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+            st.execute(params!["audit_signing_key", key.wrapped])?;
+            st.execute(params!["audit_public_key", key.public])?;
+            audit_unit(tx, audit, ctx)
+        }),
         Op::CreateJob(job, audit) => savepoint(tx, ctx, |tx, ctx| {
             let id = create_job(tx, job)?;
             append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
@@ -124,7 +153,7 @@ fn savepoint(
     ctx: &mut BatchCtx<'_>,
     f: impl FnOnce(&Connection, &mut BatchCtx<'_>) -> Result<Done, OpError>,
 ) -> Result<Done, OpError> {
-    let (seq, destroyed) = (ctx.next_seq, ctx.newly_destroyed.len());
+    let (seq, head, destroyed) = (ctx.next_seq, ctx.chain_head, ctx.newly_destroyed.len());
     tx.execute_batch("SAVEPOINT op").map_err(fatal)?;
     match f(tx, ctx) {
         Ok(d) => {
@@ -135,6 +164,7 @@ fn savepoint(
             tx.execute_batch("ROLLBACK TO op; RELEASE op")
                 .map_err(fatal)?;
             ctx.next_seq = seq;
+            ctx.chain_head = head;
             ctx.newly_destroyed.truncate(destroyed);
             Err(OpError::Rejected(e))
         }
@@ -401,10 +431,14 @@ pub fn append_audit(
     ctx: &mut BatchCtx<'_>,
 ) -> Result<u64, StoreError> {
     let seq = ctx.next_seq;
+    // The chain is computed here, in the one ordered write path, so sequence
+    // and chain can never disagree.
+    let entry_hash = Entry::of_event(seq, e).hash();
+    let chain_hash = link(&ctx.chain_head, &entry_hash);
     tx.prepare_cached(
         "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer, purpose,
-                            detail, key_id, key_version, reason, approvers)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                            detail, key_id, key_version, reason, approvers, entry_hash, chain_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )
     .map_err(map_err)?
     .execute(params![
@@ -422,6 +456,8 @@ pub fn append_audit(
         e.key_version,
         e.reason,
         e.approvers,
+        &entry_hash[..],
+        &chain_hash[..],
     ])
     .map_err(|err| match map_err(err) {
         // A duplicate sequence number means the writer's view is wrong:
@@ -430,5 +466,6 @@ pub fn append_audit(
         other => other,
     })?;
     ctx.next_seq += 1;
+    ctx.chain_head = chain_hash;
     Ok(seq)
 }

@@ -87,6 +87,21 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE audit ADD COLUMN key_version INTEGER;
     ALTER TABLE audit ADD COLUMN reason TEXT;
     ALTER TABLE audit ADD COLUMN approvers TEXT;",
+    // v3: the hash chain (entry_hash, chain_hash per row, computed by the
+    // single writer) and signed checkpoints of its head, append-only too.
+    "ALTER TABLE audit ADD COLUMN chain_hash BLOB;
+
+    CREATE TABLE checkpoints (
+        seq        INTEGER PRIMARY KEY,
+        chain_hash BLOB NOT NULL,
+        time_ms    INTEGER NOT NULL,
+        signature  BLOB NOT NULL,
+        key_id     TEXT NOT NULL
+    );
+    CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+    CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;",
 ];
 
 /// Brings the database to the newest schema, one transaction per version.
@@ -112,7 +127,43 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 fn apply(tx: &Transaction<'_>, sql: &str, version: usize) -> rusqlite::Result<()> {
     tx.execute_batch(sql)?;
+    if version == 3 {
+        backfill_chain(tx)?;
+    }
     tx.pragma_update(None, "user_version", version)
+}
+
+/// Chains audit rows written before v3. The append-only trigger is lifted
+/// for this one update, inside the migration's transaction, and restored.
+fn backfill_chain(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let rows = {
+        let mut st = tx.prepare(
+            "SELECT seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail,
+                    key_id, key_version, reason, approvers, NULL, NULL
+             FROM audit ORDER BY seq",
+        )?;
+        let rows = st.query_map([], super::audit_from_row)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    tx.execute_batch("DROP TRIGGER audit_no_update;")?;
+    {
+        let mut up =
+            tx.prepare("UPDATE audit SET entry_hash = ?2, chain_hash = ?3 WHERE seq = ?1")?;
+        for (r, (eh, ch)) in rows.iter().zip(crate::audit::verify::chain_of(&rows)) {
+            up.execute(rusqlite::params![
+                i64::try_from(r.seq).unwrap_or(i64::MAX),
+                &eh[..],
+                &ch[..]
+            ])?;
+        }
+    }
+    tx.execute_batch(
+        "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+         BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;",
+    )
 }
 
 #[cfg(test)]

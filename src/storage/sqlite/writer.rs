@@ -10,15 +10,16 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::map_err;
 use super::ops::{self, OpError};
-use crate::domain::audit::AuditEvent;
+use crate::domain::audit::{AuditEvent, Checkpoint};
 use crate::domain::store::{
-    JobRecord, JobState, KekCheck, Reencrypted, StoreError, TokenRecord, WrappedDek,
+    JobRecord, JobState, KekCheck, Reencrypted, StoreError, StoredSigningKey, TokenRecord,
+    WrappedDek,
 };
 use crate::domain::token::Token;
 
@@ -32,7 +33,9 @@ pub enum Op {
     RotateDek(Box<WrappedDek>, Option<u32>, AuditEvent),
     DestroyDek(u32, AuditEvent),
     ShredTenant(String, AuditEvent),
-    RewrapDeks(KekCheck, Vec<(u32, Vec<u8>)>, AuditEvent),
+    RewrapDeks(KekCheck, Vec<(u32, Vec<u8>)>, Option<Vec<u8>>, AuditEvent),
+    InsertCheckpoint(Checkpoint),
+    InitSigningKey(StoredSigningKey, AuditEvent),
     CreateJob(Box<JobRecord>, AuditEvent),
     ReencryptBatch(u64, Vec<Reencrypted>, Option<Token>),
     FinishJob(u64, JobState, Option<String>, AuditEvent),
@@ -70,6 +73,8 @@ pub struct Job {
 /// ordered path) and the sequence can never disagree.
 pub struct WriterState {
     pub next_seq: u64,
+    /// The audit chain head after the last committed entry.
+    pub chain_head: [u8; 32],
     /// Destroyed data keys: nothing may be written under them again.
     pub destroyed: HashSet<u32>,
 }
@@ -78,12 +83,31 @@ impl WriterState {
     pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
         let max: i64 =
             conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+        let head: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT chain_hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        let chain_head = match head {
+            None => crate::audit::chain::GENESIS,
+            Some(h) => h.try_into().map_err(|_| {
+                rusqlite::Error::InvalidColumnType(
+                    0,
+                    "chain_hash".into(),
+                    rusqlite::types::Type::Blob,
+                )
+            })?,
+        };
         let mut st = conn.prepare("SELECT id FROM deks WHERE state = 'destroyed'")?;
         let destroyed = st
             .query_map([], |r| r.get::<_, u32>(0))?
             .collect::<rusqlite::Result<HashSet<u32>>>()?;
         Ok(Self {
             next_seq: u64::try_from(max).unwrap_or(0) + 1,
+            chain_head,
             destroyed,
         })
     }
@@ -94,6 +118,7 @@ impl WriterState {
 pub struct BatchCtx<'a> {
     pub state: &'a WriterState,
     pub next_seq: u64,
+    pub chain_head: [u8; 32],
     /// Per-key change in the number of tokens under it, written once per key
     /// per batch instead of once per token.
     pub token_deltas: HashMap<u32, i64>,
@@ -169,6 +194,7 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterS
         let mut ctx = BatchCtx {
             state,
             next_seq: state.next_seq,
+            chain_head: state.chain_head,
             token_deltas: HashMap::new(),
             newly_destroyed: Vec::new(),
             erased: false,
@@ -186,11 +212,17 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterS
         }
         ops::apply_token_deltas(&tx, &ctx.token_deltas).map_err(map_err)?;
         tx.commit().map_err(map_err)?;
-        Ok((results, ctx.next_seq, ctx.newly_destroyed, ctx.erased))
+        Ok((
+            results,
+            (ctx.next_seq, ctx.chain_head),
+            ctx.newly_destroyed,
+            ctx.erased,
+        ))
     })();
     match outcome {
-        Ok((results, next_seq, destroyed, erased)) => {
+        Ok((results, (next_seq, chain_head), destroyed, erased)) => {
             state.next_seq = next_seq;
+            state.chain_head = chain_head;
             state.destroyed.extend(destroyed);
             for (job, res) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(res);

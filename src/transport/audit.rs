@@ -1,0 +1,221 @@
+//! `vault.v1.AuditService` over the domain's audit-log reads.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use prost_types::Timestamp;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::auth::Authenticator;
+use super::status::to_status;
+use crate::audit::export::{self, Line};
+use crate::domain::audit::{AuditRecord, Checkpoint};
+use crate::domain::store::AuditFilter;
+use crate::domain::{Vault, VaultError};
+use crate::proto;
+use crate::proto::audit_service_server::AuditService;
+
+pub struct AuditServiceImpl {
+    vault: Arc<Vault>,
+    auth: Arc<Authenticator>,
+}
+
+impl AuditServiceImpl {
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>) -> Self {
+        Self { vault, auth }
+    }
+}
+
+fn ts(ms: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    })
+}
+
+fn ms(t: &Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos / 1_000_000))
+}
+
+fn event(r: AuditRecord) -> proto::AuditEvent {
+    proto::AuditEvent {
+        seq: r.seq,
+        time: ts(r.time_ms),
+        actor: r.actor,
+        tenant: r.tenant.unwrap_or_default(),
+        action: r.action,
+        token: r.token.map(|t| t.to_string()).unwrap_or_default(),
+        outcome: r.outcome,
+        peer: r.peer.unwrap_or_default(),
+        purpose: r.purpose.unwrap_or_default(),
+        detail: r.detail.unwrap_or_default(),
+        key_id: r.key_id,
+        key_version: r.key_version,
+        reason: r.reason.unwrap_or_default(),
+        approvers: r.approvers.unwrap_or_default(),
+        entry_hash: r.entry_hash.map(hex::encode).unwrap_or_default(),
+        chain_hash: r.chain_hash.map(hex::encode).unwrap_or_default(),
+    }
+}
+
+fn checkpoint(c: Checkpoint) -> proto::Checkpoint {
+    proto::Checkpoint {
+        seq: c.seq,
+        chain_hash: hex::encode(c.chain_hash),
+        time: ts(c.time_ms),
+        signature: hex::encode(&c.signature),
+        key_id: c.key_id,
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+const EXPORT_PAGE: usize = 500;
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<proto::ExportLine, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuditService for AuditServiceImpl {
+    async fn list_events(
+        &self,
+        request: Request<proto::ListEventsRequest>,
+    ) -> Result<Response<proto::ListEventsResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let r = request.into_inner();
+        let after = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse::<u64>()
+                .map_err(|_| Status::invalid_argument("page_token is malformed"))?
+        };
+        let kind = proto::EventKind::try_from(r.kind)
+            .map_err(|_| Status::invalid_argument("unknown event kind"))?;
+        let filter = AuditFilter {
+            key_events: match kind {
+                proto::EventKind::Unspecified => None,
+                proto::EventKind::KeyLifecycle => Some(true),
+                proto::EventKind::DataAccess => Some(false),
+            },
+            from_ms: r.from.as_ref().map(ms),
+            to_ms: r.to.as_ref().map(ms),
+            tenant: non_empty(r.tenant),
+            actor: non_empty(r.actor),
+            outcome: non_empty(r.outcome),
+        };
+        let size = if r.page_size == 0 {
+            100
+        } else {
+            usize::try_from(r.page_size).unwrap_or(usize::MAX)
+        };
+        let size = size.min(crate::domain::auditing::MAX_PAGE);
+        let rows = self
+            .vault
+            .list_audit(&caller, &filter, after, size)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let next = if rows.len() == size {
+            rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListEventsResponse {
+            events: rows.into_iter().map(event).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_latest_checkpoint(
+        &self,
+        request: Request<proto::GetLatestCheckpointRequest>,
+    ) -> Result<Response<proto::GetLatestCheckpointResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let c = self
+            .vault
+            .latest_checkpoint(&caller)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(proto::GetLatestCheckpointResponse {
+            checkpoint: c.map(checkpoint),
+        }))
+    }
+
+    type ExportLogStream = ExportStream;
+
+    async fn export_log(
+        &self,
+        request: Request<proto::ExportLogRequest>,
+    ) -> Result<Response<Self::ExportLogStream>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let mut after = request.into_inner().after_seq;
+        self.vault
+            .begin_export(&caller, after)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let key_id = self.vault.signer().map(|s| s.key_id());
+        let vault = self.vault.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let send = |line: &Line| {
+                let json =
+                    serde_json::to_string(line).map_err(|_| Status::internal("internal error"));
+                json.map(|json| proto::ExportLine { json })
+            };
+            if tx
+                .send(send(&export::header(
+                    crate::domain::vault::now_ms(),
+                    key_id,
+                )))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                let (entries, cps) = match vault.export_page(&caller, after, EXPORT_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(&e))).await;
+                        return;
+                    }
+                };
+                let done = entries.len() < EXPORT_PAGE;
+                if let Some(last) = entries.last() {
+                    after = last.seq;
+                }
+                for line in export::interleave(&entries, &cps) {
+                    if tx.send(send(&line)).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_public_key(
+        &self,
+        request: Request<proto::GetPublicKeyRequest>,
+    ) -> Result<Response<proto::GetPublicKeyResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let k = self
+            .vault
+            .audit_public_key(&caller)
+            .await
+            .map_err(|e: VaultError| to_status(&e))?;
+        Ok(Response::new(proto::GetPublicKeyResponse {
+            key_id: k.key_id,
+            pem: k.pem,
+        }))
+    }
+}
