@@ -8,9 +8,11 @@ use tracing_subscriber::EnvFilter;
 /// Logs to standard error; the level comes from `VAULT_LOG` (default `info`).
 pub fn init() {
     let filter = EnvFilter::try_from_env("VAULT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

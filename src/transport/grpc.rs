@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
 use super::auth::Authenticator;
-use super::status::to_status;
+use super::status::logged;
 use crate::domain::{CardBrand, CardMetadata, Expiry, Vault};
 use crate::proto;
 use crate::proto::token_service_server::TokenService;
@@ -72,7 +72,7 @@ impl TokenService for TokenServiceImpl {
         // The decoded request is the one copy of the card number this layer
         // owns; wipe it rather than leave it to the allocator.
         req.pan.zeroize();
-        let (token, meta) = res.map_err(|e| to_status(&e))?;
+        let (token, meta) = logged("Tokenize", &caller, res)?;
         Ok(Response::new(proto::TokenizeResponse {
             token: token.to_string(),
             metadata: Some(metadata(meta)),
@@ -85,11 +85,11 @@ impl TokenService for TokenServiceImpl {
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
         let caller = self.auth.caller(&request)?;
         let req = request.into_inner();
-        let out = self
+        let res = self
             .vault
             .detokenize(&caller, &req.token, &req.purpose)
-            .await
-            .map_err(|e| to_status(&e))?;
+            .await;
+        let out = logged("Detokenize", &caller, res)?;
         // prost needs an owned String; after encoding it is freed without
         // wiping (see SECURITY.md, "Memory").
         Ok(Response::new(proto::DetokenizeResponse {
@@ -104,11 +104,8 @@ impl TokenService for TokenServiceImpl {
     ) -> Result<Response<proto::GetTokenMetadataResponse>, Status> {
         let caller = self.auth.caller(&request)?;
         let req = request.into_inner();
-        let meta = self
-            .vault
-            .metadata(&caller, &req.token)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let res = self.vault.metadata(&caller, &req.token).await;
+        let meta = logged("GetTokenMetadata", &caller, res)?;
         Ok(Response::new(proto::GetTokenMetadataResponse {
             metadata: Some(metadata(meta)),
         }))
@@ -120,10 +117,8 @@ impl TokenService for TokenServiceImpl {
     ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
         let caller = self.auth.caller(&request)?;
         let req = request.into_inner();
-        self.vault
-            .delete(&caller, &req.token)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let res = self.vault.delete(&caller, &req.token).await;
+        logged("DeleteToken", &caller, res)?;
         Ok(Response::new(proto::DeleteTokenResponse {}))
     }
 }

@@ -10,7 +10,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::auth::Authenticator;
-use super::status::to_status;
+use super::status::{fail, to_status};
 use crate::domain::keys::{DekStatus, KeyStatus};
 use crate::domain::store::{DekState, JobRecord, JobState};
 use crate::domain::unseal::SealStatus;
@@ -87,10 +87,6 @@ fn seal_status(s: SealStatus) -> proto::SealStatus {
     }
 }
 
-fn st(e: VaultError) -> Status {
-    to_status(&e)
-}
-
 fn small(n: u32, what: &str) -> Result<u8, Status> {
     u8::try_from(n).map_err(|_| Status::invalid_argument(format!("{what} must be at most 16")))
 }
@@ -139,6 +135,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::GetKeyStatusRequest>,
     ) -> Result<Response<proto::GetKeyStatusResponse>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("GetKeyStatus", &caller, e);
         let KeyStatus {
             sealed,
             kek_id,
@@ -156,6 +153,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::RotateDataKeyRequest>,
     ) -> Result<Response<proto::RotateDataKeyResponse>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("RotateDataKey", &caller, e);
         let r = request.into_inner();
         let d = self
             .vault
@@ -172,6 +170,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::RotateKekRequest>,
     ) -> Result<Response<proto::RotateKekResponse>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("RotateKek", &caller, e);
         let r = request.into_inner();
         if let Some(Target::Shamir(s)) = &r.target {
             small(s.shares, "shares")?;
@@ -209,6 +208,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::StartReencryptionRequest>,
     ) -> Result<Response<proto::Job>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("StartReencryption", &caller, e);
         let r = request.into_inner();
         let j = self
             .vault
@@ -223,6 +223,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("GetJob", &caller, e);
         let j = self
             .vault
             .job(&caller, request.into_inner().job_id)
@@ -238,6 +239,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("WatchJob", &caller, e);
         let id = request.into_inner().job_id;
         let first = self.vault.job(&caller, id).await.map_err(st)?;
         let vault = self.vault.clone();
@@ -250,6 +252,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::DestroyDataKeyRequest>,
     ) -> Result<Response<proto::DestroyDataKeyResponse>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("DestroyDataKey", &caller, e);
         let r = request.into_inner();
         self.vault
             .destroy_dek(&caller, r.data_key_id, &r.reason)
@@ -263,6 +266,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::RequestTenantShredRequest>,
     ) -> Result<Response<proto::ShredRequest>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("RequestTenantShred", &caller, e);
         let r = request.into_inner();
         let req = self
             .vault
@@ -282,6 +286,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::ApproveTenantShredRequest>,
     ) -> Result<Response<proto::ApproveTenantShredResponse>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("ApproveTenantShred", &caller, e);
         let r = request.into_inner();
         let ids = self
             .vault
@@ -298,6 +303,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::UnsealRequest>,
     ) -> Result<Response<proto::SealStatus>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("Unseal", &caller, e);
         let mut r = request.into_inner();
         let res = if r.share.trim().is_empty() {
             self.vault.unseal_from_source(&caller).await
@@ -313,6 +319,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::SealRequest>,
     ) -> Result<Response<proto::SealStatus>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("Seal", &caller, e);
         let r = request.into_inner();
         let s = self.vault.seal(&caller, &r.reason).await.map_err(st)?;
         Ok(Response::new(seal_status(s)))
@@ -323,6 +330,7 @@ impl KeyService for KeyServiceImpl {
         request: Request<proto::GetSealStatusRequest>,
     ) -> Result<Response<proto::SealStatus>, Status> {
         let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("GetSealStatus", &caller, e);
         let s = self.vault.seal_status(&caller).await.map_err(st)?;
         Ok(Response::new(seal_status(s)))
     }

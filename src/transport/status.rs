@@ -3,8 +3,42 @@
 //! secrets.
 
 use tonic::{Code, Status};
+use tracing::{debug, info, warn};
 
-use crate::domain::VaultError;
+use crate::domain::{Caller, VaultError};
+
+/// Logs the outcome of a call (method, caller, outcome code — never a
+/// request or response body) and maps a failure to its status. Denials are
+/// logged at info, integrity and internal failures at warn, the rest at
+/// debug.
+pub fn logged<T>(
+    method: &'static str,
+    caller: &Caller,
+    res: Result<T, VaultError>,
+) -> Result<T, Status> {
+    match res {
+        Ok(v) => {
+            debug!(method, caller = %caller.identity, outcome = "success", "call");
+            Ok(v)
+        }
+        Err(e) => Err(fail(method, caller, e)),
+    }
+}
+
+/// Logs a failed call and maps it to its status.
+pub fn fail(method: &'static str, caller: &Caller, e: VaultError) -> Status {
+    let code = e.code();
+    match e {
+        VaultError::PermissionDenied(_) | VaultError::Unauthenticated => {
+            info!(method, caller = %caller.identity, outcome = code, "call denied");
+        }
+        VaultError::DataLoss | VaultError::Internal => {
+            warn!(method, caller = %caller.identity, outcome = code, "call failed");
+        }
+        _ => debug!(method, caller = %caller.identity, outcome = code, "call"),
+    }
+    to_status(&e)
+}
 
 pub fn to_status(e: &VaultError) -> Status {
     let code = match e {
