@@ -118,6 +118,10 @@ pub fn vault_settings(cfg: &Config) -> VaultSettings {
         auto_rotate: k.auto_rotate,
         reencrypt_batch: k.reencrypt_batch,
         reencrypt_pause_ms: k.reencrypt_pause_ms,
+        unseal_threshold: match cfg.kek.source {
+            KekSource::Shamir => cfg.kek.shamir.as_ref().map(|s| s.threshold),
+            _ => None,
+        },
     }
 }
 

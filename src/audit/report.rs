@@ -465,6 +465,9 @@ impl Builder {
         let mut ev = self.event(r);
         if !ev.succeeded() {
             ev.note = format!("{} {}", action.as_str(), ev.outcome);
+            if let Some(id) = ev.key_id {
+                let _ = write!(ev.note, " ({})", key_name(id, ev.key_version));
+            }
             self.attempts.push(ev.clone());
             match ev.key_id {
                 Some(id) if self.keys.contains_key(&id) => {
@@ -473,6 +476,7 @@ impl Builder {
                 _ => match action {
                     AuditAction::KekInit
                     | AuditAction::KekRotate
+                    | AuditAction::KekRotateRequest
                     | AuditAction::AuditKeyCreate
                     | AuditAction::Seal
                     | AuditAction::Unseal
@@ -671,12 +675,16 @@ impl Builder {
                 self.tenant_event(ev);
             }
             AuditAction::KekInit
+            | AuditAction::KekRotateRequest
             | AuditAction::AuditKeyCreate
             | AuditAction::Seal
             | AuditAction::Unseal
             | AuditAction::UnsealShare => {
                 ev.note = match action {
                     AuditAction::KekInit => "KEK pinned to the database".into(),
+                    AuditAction::KekRotateRequest => {
+                        "KEK rotation requested; a second administrator must approve".into()
+                    }
                     AuditAction::AuditKeyCreate => "checkpoint signing key created".into(),
                     AuditAction::Seal => "vault sealed: keys dropped from memory".into(),
                     AuditAction::Unseal => "vault unsealed".into(),
@@ -899,7 +907,7 @@ const CSS: &str = r#"
 --grey:#6b7280;--greybg:#eef0f3;--blue:#1f5fae;--bluebg:#e7f0fb}
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
-main{max-width:1240px;margin:0 auto;padding:24px 24px 48px}
+main{max-width:1280px;margin:0 auto;padding:20px 20px 48px}
 h1{font-size:24px;margin:0 0 4px}
 h2{font-size:19px;margin:32px 0 10px;padding-bottom:6px;border-bottom:2px solid var(--line)}
 h3{font-size:15px;margin:0}
@@ -926,17 +934,19 @@ h3{font-size:15px;margin:0}
 nav.toc{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 16px;margin:12px 0}
 nav.toc a{color:var(--blue);text-decoration:none;margin-right:14px}
 table{border-collapse:collapse;width:100%;background:var(--card);font-size:13px}
-th,td{border:1px solid var(--line);padding:5px 7px;text-align:left;vertical-align:top}
+th,td{border:1px solid var(--line);padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#eef1f6;font-weight:600;white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.time,td.seq{white-space:nowrap;font-variant-numeric:tabular-nums}
-td.detail{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;color:var(--muted);word-break:break-word}
-td.note{min-width:180px}
+td.detail{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;color:var(--muted);min-width:150px;max-width:230px;overflow-wrap:anywhere}
+td.cov{min-width:130px;max-width:170px;font-variant-numeric:tabular-nums}
+td.who{min-width:110px}
+td.note{min-width:150px}
 .cp{color:var(--muted);font-size:12px}
 .cp.none{color:var(--warn);font-weight:600}
-.tenant{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:4px 18px 18px;margin:22px 0}
+.tenant{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:4px 14px 14px;margin:22px 0}
 .tenant>h2{margin-top:14px}
-.key{border:1px solid var(--line);border-left:6px solid var(--grey);border-radius:8px;margin:14px 0;padding:10px 12px;background:#fcfdfe}
+.key{border:1px solid var(--line);border-left:6px solid var(--grey);border-radius:8px;margin:14px 0;padding:8px 8px;background:#fcfdfe}
 .key.k-active{border-left-color:var(--ok)}
 .key.k-decrypt-only{border-left-color:#e0a526}
 .key.k-flagged{border-color:#f0a8a2;border-left-color:var(--bad);background:#fffafa}
@@ -982,12 +992,12 @@ fn who_html(e: &Event) -> String {
     s
 }
 
-const EVENT_HEAD: &str = "<tr><th>Time (UTC)</th><th>Event</th><th>What it means</th><th>Actor / approvers</th><th>Reason</th><th>Outcome</th><th>Detail</th><th>Audit seq</th><th>Covered by</th></tr>";
+const EVENT_HEAD: &str = "<tr><th>Time (UTC)</th><th>Event</th><th>What it means</th><th>Actor / approvers</th><th>Reason</th><th>Outcome</th><th>Detail</th><th>Audit seq · covered by</th></tr>";
 
 fn event_row(out: &mut String, e: &Event, label: &str, row_class: &str) {
     let _ = write!(
         out,
-        "<tr class=\"{row_class}\"><td class=\"time\">{}</td><td>{}</td><td class=\"note\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"detail\">{}</td><td class=\"seq\">#{}</td><td>{}</td></tr>",
+        "<tr class=\"{row_class}\"><td class=\"time\">{}</td><td>{}</td><td class=\"note\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"detail\">{}</td><td class=\"cov\"><b>#{}</b><br>{}</td></tr>",
         esc(&utc(e.time_ms)),
         label,
         esc(&e.note),
@@ -1112,7 +1122,7 @@ fn key_html(out: &mut String, k: &KeyReport) {
     );
     out.push_str("<table>");
     out.push_str(
-        "<tr><th>Time (UTC)</th><th>Event</th><th>State after</th><th>What it means</th><th>Actor / approvers</th><th>Reason</th><th>Outcome</th><th>Detail</th><th>Audit seq</th><th>Covered by</th></tr>",
+        "<tr><th>Time (UTC)</th><th>Event</th><th>State after</th><th>What it means</th><th>Actor / approvers</th><th>Reason</th><th>Outcome</th><th>Detail</th><th>Audit seq · covered by</th></tr>",
     );
     for ke in &k.timeline {
         let e = &ke.event;
@@ -1131,7 +1141,7 @@ fn key_html(out: &mut String, k: &KeyReport) {
         };
         let _ = write!(
             out,
-            "<tr class=\"{class}\"><td class=\"time\">{}</td><td><b>{}</b><br><code class=\"cp\">{}</code></td><td>{}</td><td class=\"note\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"detail\">{}</td><td class=\"seq\">#{}</td><td>{}</td></tr>",
+            "<tr class=\"{class}\"><td class=\"time\">{}</td><td><b>{}</b><br><code class=\"cp\">{}</code></td><td>{}</td><td class=\"note\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"detail\">{}</td><td class=\"cov\"><b>#{}</b><br>{}</td></tr>",
             esc(&utc(e.time_ms)),
             esc(ke.kind.label()),
             esc(&e.action),
@@ -1155,9 +1165,8 @@ fn flag_line(f: &Flag) -> String {
         &f.tenant
     };
     format!(
-        "{tenant} / {}: {} — {}",
+        "{tenant} / {}: {}",
         key_name(f.key_id, f.key_version),
-        f.kind.text(),
         f.detail
     )
 }
@@ -1203,14 +1212,14 @@ pub fn render_html(r: &Report) -> String {
             let _ = write!(
                 out,
                 "<div class=\"banner ok\"><span class=\"tag\">✔ VERIFIED</span>{}</div>",
-                esc(s)
+                esc(s.strip_prefix("VERIFIED: ").unwrap_or(s))
             );
         }
         Banner::Failed(s) => {
             let _ = write!(
                 out,
                 "<div class=\"banner bad\"><span class=\"tag\">✘ FAILED</span>{}. Entries from the failure on cannot be trusted.</div>",
-                esc(s)
+                esc(s.strip_prefix("FAILED").unwrap_or(s).trim_start_matches([' ', ':']))
             );
         }
         Banner::NotVerified => out.push_str(
@@ -1387,7 +1396,11 @@ pub fn render_markdown(r: &Report) -> String {
     );
     match &r.banner {
         Banner::Verified(s) => {
-            let _ = writeln!(out, "> **VERIFIED** — {}\n", md(s));
+            let _ = writeln!(
+                out,
+                "> **VERIFIED** — {}\n",
+                md(s.strip_prefix("VERIFIED: ").unwrap_or(s))
+            );
         }
         Banner::Failed(s) => {
             let _ = writeln!(out, "> **FAILED** — {}\n", md(s));
@@ -1492,4 +1505,559 @@ pub fn render_markdown(r: &Report) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::audit::verify::Problem;
+    use crate::domain::token::Token;
+
+    /// 2026-01-01 00:00:00Z.
+    const T0: i64 = 1_767_225_600_000;
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
+
+    fn rec(seq: u64, time_ms: i64, actor: &str, action: AuditAction) -> AuditRecord {
+        AuditRecord {
+            seq,
+            time_ms,
+            actor: actor.into(),
+            tenant: None,
+            action: action.as_str().into(),
+            token: None,
+            outcome: "success".into(),
+            peer: None,
+            purpose: None,
+            detail: None,
+            key_id: None,
+            key_version: None,
+            reason: None,
+            approvers: None,
+            entry_hash: None,
+            chain_hash: None,
+        }
+    }
+
+    fn keyed(mut r: AuditRecord, tenant: &str, id: u32, version: u32) -> AuditRecord {
+        r.tenant = Some(tenant.into());
+        r.key_id = Some(id);
+        r.key_version = Some(version);
+        r
+    }
+
+    fn with(mut r: AuditRecord, detail: &str, reason: &str) -> AuditRecord {
+        r.detail = Some(detail.into());
+        r.reason = Some(reason.into());
+        r
+    }
+
+    fn access(seq: u64, time_ms: i64, tenant: &str, action: AuditAction) -> AuditRecord {
+        let mut r = rec(seq, time_ms, "app-checkout", action);
+        r.tenant = Some(tenant.into());
+        r.token = Some(Token::generate(1).unwrap());
+        r.purpose = Some("SECRET-PURPOSE-refund-4711".into());
+        r
+    }
+
+    /// acme: key 1 (v1) created at T0+1h, rotated at T0+100d to key 3
+    /// (v2), destroyed by a single admin; globex: key 2 (v1) created at
+    /// T0+50d, shredded at T0+102d with dual control. KEK rotated at
+    /// T0+101d, when keys 2 and 3 were alive.
+    fn scenario() -> (Vec<AuditRecord>, Vec<Checkpoint>) {
+        use AuditAction as A;
+        let mut v = vec![
+            with(rec(1, T0, "system", A::KekInit), "kek=local:aaaa", ""),
+            with(
+                rec(2, T0 + 1000, "system", A::AuditKeyCreate),
+                "key=ed25519:ff kek=local:aaaa",
+                "",
+            ),
+            with(
+                keyed(rec(3, T0 + HOUR, "system", A::DekCreate), "acme", 1, 1),
+                "kek=local:aaaa",
+                "first use of tenant",
+            ),
+            access(4, T0 + 2 * HOUR, "acme", A::Tokenize),
+            access(5, T0 + 3 * HOUR, "acme", A::Detokenize),
+            with(
+                keyed(
+                    rec(6, T0 + 50 * DAY, "system", A::DekCreate),
+                    "globex",
+                    2,
+                    1,
+                ),
+                "kek=local:aaaa",
+                "first use of tenant",
+            ),
+            with(
+                keyed(
+                    rec(7, T0 + 100 * DAY, "admin-alice", A::DekRotate),
+                    "acme",
+                    3,
+                    2,
+                ),
+                "retired dek_id=1 version=1 after 12 encryptions; kek=local:aaaa",
+                "<script>alert(1)</script>",
+            ),
+            with(
+                rec(8, T0 + 100 * DAY + HOUR, "admin-alice", A::ReencryptStart),
+                "tokens_to_move=12",
+                "move off v1",
+            ),
+            with(
+                rec(9, T0 + 100 * DAY + 2 * HOUR, "system", A::ReencryptComplete),
+                "job=1 moved=12 of 12 passes=1",
+                "",
+            ),
+            with(
+                keyed(
+                    rec(10, T0 + 100 * DAY + 3 * HOUR, "admin-alice", A::DekDestroy),
+                    "acme",
+                    1,
+                    1,
+                ),
+                "",
+                "v1 no longer referenced",
+            ),
+            with(
+                rec(11, T0 + 101 * DAY, "admin-alice", A::KekRotate),
+                "from=local:aaaa to=local:bbbb rewrapped_deks=2",
+                "annual KEK rotation",
+            ),
+            with(
+                rec(12, T0 + 102 * DAY, "admin-bob", A::ShredRequest),
+                "request_id=77",
+                "contract ended",
+            ),
+            with(
+                rec(13, T0 + 102 * DAY + HOUR, "admin-bob", A::TenantShred),
+                "request_id=77 destroyed dek_ids=[2]",
+                "contract ended",
+            ),
+            with(
+                rec(14, T0 + 103 * DAY, "mallory", A::DekDestroy),
+                "permission denied: role app cannot manage keys",
+                "cleanup",
+            ),
+            access(15, T0 + 104 * DAY, "acme", A::Tokenize),
+        ];
+        for r in &mut v[7..9] {
+            r.tenant = Some("acme".into());
+        }
+        v[8].reason = None;
+        v[9].detail = None;
+        v[11].tenant = Some("globex".into());
+        v[12].tenant = Some("globex".into());
+        v[12].approvers = Some("admin-carol".into());
+        v[13].key_id = Some(3);
+        v[13].outcome = "denied".into();
+        let cp = |seq, time_ms| Checkpoint {
+            seq,
+            chain_hash: [0; 32],
+            time_ms,
+            signature: vec![],
+            key_id: "ed25519:ff".into(),
+        };
+        (
+            v,
+            vec![
+                cp(10, T0 + 101 * DAY - HOUR),
+                cp(2, T0 + 2000),
+                cp(13, T0 + 103 * DAY - HOUR),
+            ],
+        )
+    }
+
+    fn report(verdict: Option<&Verdict>) -> Report {
+        let (entries, checkpoints) = scenario();
+        build(&ReportInput {
+            entries: &entries,
+            checkpoints: &checkpoints,
+            verdict,
+            crypto_period_ms: 90 * DAY,
+            generated_ms: T0 + 120 * DAY,
+        })
+    }
+
+    fn kinds(k: &KeyReport) -> Vec<(KeyEventKind, KeyState, u64)> {
+        k.timeline
+            .iter()
+            .map(|e| (e.kind, e.state_after, e.event.seq))
+            .collect()
+    }
+
+    #[test]
+    fn every_key_event_lands_on_the_right_key() {
+        use KeyEventKind as K;
+        use KeyState as S;
+        let r = report(None);
+        assert_eq!(
+            r.tenants
+                .iter()
+                .map(|t| t.tenant.as_str())
+                .collect::<Vec<_>>(),
+            ["acme", "globex"]
+        );
+        let acme = r.tenant("acme").unwrap();
+        assert_eq!(
+            acme.keys
+                .iter()
+                .map(|k| (k.id, k.version))
+                .collect::<Vec<_>>(),
+            [(1, Some(1)), (3, Some(2))]
+        );
+        let k1 = r.key(1).unwrap();
+        assert_eq!(
+            kinds(k1),
+            [
+                (K::Created, S::Active, 3),
+                (K::Retired, S::DecryptOnly, 7),
+                (K::ReencryptStart, S::DecryptOnly, 8),
+                (K::ReencryptComplete, S::DecryptOnly, 9),
+                (K::Destroyed, S::Destroyed, 10),
+            ]
+        );
+        assert_eq!(k1.state, S::Destroyed);
+        assert_eq!(k1.created_ms, Some(T0 + HOUR));
+        assert_eq!(k1.retired_ms, Some(T0 + 100 * DAY));
+        assert_eq!(k1.destroyed_ms, Some(T0 + 100 * DAY + 3 * HOUR));
+        assert_eq!(k1.active_ms, Some(100 * DAY - HOUR));
+        assert!(k1.timeline[1].event.note.contains("replaced by key 3"));
+        assert!(k1.timeline[1].event.note.contains("12 encryptions"));
+        assert!(k1.timeline[3].event.note.contains("moved 12 of 12"));
+
+        let k3 = r.key(3).unwrap();
+        assert_eq!(
+            kinds(k3),
+            [
+                (K::Activated, S::Active, 7),
+                (K::Rewrapped, S::Active, 11),
+                (K::Attempt, S::Active, 14),
+            ]
+        );
+        assert_eq!(k3.active_ms, Some(20 * DAY));
+        assert_eq!(k3.tenant, "acme");
+
+        let k2 = r.key(2).unwrap();
+        assert_eq!(k2.tenant, "globex");
+        assert_eq!(
+            kinds(k2),
+            [
+                (K::Created, S::Active, 6),
+                (K::Rewrapped, S::Active, 11),
+                (K::Shredded, S::Destroyed, 13),
+            ]
+        );
+        // Key 1 was already destroyed when the KEK rotated: not re-wrapped.
+        assert!(!k1.timeline.iter().any(|e| e.kind == K::Rewrapped));
+
+        let globex = r.tenant("globex").unwrap();
+        assert_eq!(
+            globex.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [12, 13]
+        );
+        assert_eq!(
+            acme.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [8, 9]
+        );
+        assert_eq!(
+            r.kek_events
+                .iter()
+                .map(|e| e.action.as_str())
+                .collect::<Vec<_>>(),
+            ["kek_init", "audit_key_create", "kek_rotate"]
+        );
+        assert!(r.kek_events[2].note.contains("log accounts for 2"));
+        // The denied destroy is an attempt, and changed nothing.
+        assert_eq!(
+            r.attempts
+                .iter()
+                .map(|e| (e.seq, e.outcome.as_str()))
+                .collect::<Vec<_>>(),
+            [(14, "denied")]
+        );
+        // Data access is counted, never itemised.
+        assert_eq!(
+            r.data_access,
+            [
+                AccessCount {
+                    tenant: Some("acme".into()),
+                    action: "detokenize".into(),
+                    succeeded: 1,
+                    refused: 0
+                },
+                AccessCount {
+                    tenant: Some("acme".into()),
+                    action: "tokenize".into(),
+                    succeeded: 2,
+                    refused: 0
+                },
+            ]
+        );
+        assert_eq!(r.entries, 15);
+        assert_eq!(r.uncovered, 2);
+    }
+
+    #[test]
+    fn crypto_period_flag_fires_for_the_old_key_only() {
+        let r = report(None);
+        let k1 = r.key(1).unwrap();
+        assert!(k1.flags.contains(&FlagKind::OutlivedCryptoPeriod));
+        assert!(
+            !r.key(3)
+                .unwrap()
+                .flags
+                .contains(&FlagKind::OutlivedCryptoPeriod)
+        );
+        assert!(
+            !r.key(2)
+                .unwrap()
+                .flags
+                .contains(&FlagKind::OutlivedCryptoPeriod)
+        );
+        let period: Vec<_> = r
+            .flags
+            .iter()
+            .filter(|f| f.kind == FlagKind::OutlivedCryptoPeriod)
+            .collect();
+        assert_eq!(period.len(), 1);
+        assert_eq!((period[0].tenant.as_str(), period[0].key_id), ("acme", 1));
+
+        // Still active and past its period: aged up to generated_ms.
+        let (entries, cps) = scenario();
+        let r = build(&ReportInput {
+            entries: &entries,
+            checkpoints: &cps,
+            verdict: None,
+            crypto_period_ms: 10 * DAY,
+            generated_ms: T0 + 120 * DAY,
+        });
+        assert!(
+            r.key(3)
+                .unwrap()
+                .flags
+                .contains(&FlagKind::OutlivedCryptoPeriod)
+        );
+        let r = build(&ReportInput {
+            entries: &entries,
+            checkpoints: &cps,
+            verdict: None,
+            crypto_period_ms: 10 * DAY,
+            generated_ms: T0 + 105 * DAY,
+        });
+        assert!(
+            !r.key(3)
+                .unwrap()
+                .flags
+                .contains(&FlagKind::OutlivedCryptoPeriod)
+        );
+    }
+
+    #[test]
+    fn dual_control_flag_fires_for_a_lone_dek_destroy() {
+        let r = report(None);
+        assert!(
+            r.key(1)
+                .unwrap()
+                .flags
+                .contains(&FlagKind::DestroyedWithoutDualControl)
+        );
+        // The shred had a second administrator.
+        assert!(
+            !r.key(2)
+                .unwrap()
+                .flags
+                .contains(&FlagKind::DestroyedWithoutDualControl)
+        );
+        let dc: Vec<_> = r
+            .flags
+            .iter()
+            .filter(|f| f.kind == FlagKind::DestroyedWithoutDualControl)
+            .collect();
+        assert_eq!(dc.len(), 1);
+        assert_eq!((dc[0].key_id, dc[0].seq), (1, Some(10)));
+
+        // A shred without approvers, or approved by its own actor, is flagged.
+        for approvers in [None, Some("admin-bob")] {
+            let (mut entries, cps) = scenario();
+            entries[12].approvers = approvers.map(str::to_owned);
+            let r = build(&ReportInput {
+                entries: &entries,
+                checkpoints: &cps,
+                verdict: None,
+                crypto_period_ms: 90 * DAY,
+                generated_ms: T0 + 120 * DAY,
+            });
+            assert!(
+                r.key(2)
+                    .unwrap()
+                    .flags
+                    .contains(&FlagKind::DestroyedWithoutDualControl)
+            );
+        }
+    }
+
+    #[test]
+    fn each_event_maps_to_its_covering_checkpoint() {
+        let r = report(None);
+        let k1 = r.key(1).unwrap();
+        let cov: Vec<_> = k1
+            .timeline
+            .iter()
+            .map(|e| e.event.covered_by.map(|c| c.seq))
+            .collect();
+        assert_eq!(cov, [Some(10); 5]);
+        assert_eq!(r.kek_events[0].covered_by.map(|c| c.seq), Some(2));
+        assert_eq!(r.kek_events[1].covered_by.map(|c| c.seq), Some(2));
+        assert_eq!(r.kek_events[2].covered_by.map(|c| c.seq), Some(13));
+        assert_eq!(r.attempts[0].covered_by, None);
+        assert_eq!(
+            covering_text(r.kek_events[0].covered_by),
+            "checkpoint #2 (2026-01-01 00:00:02Z)"
+        );
+        assert_eq!(covering_text(None), "not yet covered by a checkpoint");
+        let md = render_markdown(&r);
+        assert!(md.contains("not yet covered by a checkpoint"));
+        assert!(md.contains("checkpoint #13 (2026-04-13 23:00:00Z)"));
+    }
+
+    #[test]
+    fn times_are_utc() {
+        assert_eq!(utc(T0), "2026-01-01 00:00:00Z");
+        assert_eq!(utc(1_795_574_574_000), "2026-11-25 02:42:54Z");
+        assert_eq!(duration(100 * DAY - HOUR), "99d 23h");
+        assert_eq!(duration(90 * 60_000), "1h 30m");
+    }
+
+    #[test]
+    fn html_escapes_everything_from_the_log() {
+        let (mut entries, cps) = scenario();
+        entries[0].actor = "\"><img src=x onerror=alert(2)>".into();
+        entries[12].approvers = Some("admin-carol<b>".into());
+        entries[6].tenant = Some("acme".into());
+        let r = build(&ReportInput {
+            entries: &entries,
+            checkpoints: &cps,
+            verdict: None,
+            crypto_period_ms: 90 * DAY,
+            generated_ms: T0 + 120 * DAY,
+        });
+        let html = render_html(&r);
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(!html.contains("<script"));
+        assert!(!html.contains("<img"));
+        assert!(html.contains("&quot;&gt;&lt;img src=x onerror=alert(2)&gt;"));
+        assert!(html.contains("admin-carol&lt;b&gt;"));
+        assert!(!html.contains("SECRET-PURPOSE"));
+        for a in &entries {
+            if let Some(t) = a.token {
+                assert!(!html.contains(&t.to_string()));
+            }
+        }
+        for needle in [
+            "outlived its crypto-period",
+            "destroyed without dual control",
+            "decrypt-only",
+            "not yet covered by a checkpoint",
+            "not verified",
+            "Tenant acme",
+            "Tenant globex",
+        ] {
+            assert!(html.contains(needle), "missing {needle}");
+        }
+        assert!(!html.contains("http://") && !html.contains("https://"));
+    }
+
+    #[test]
+    fn banner_follows_the_verdict() {
+        let ok = Verdict {
+            entries: 15,
+            checkpoints: 3,
+            covered_to: Some(13),
+            problem: None,
+        };
+        let html = render_html(&report(Some(&ok)));
+        assert!(html.contains("banner ok"));
+        assert!(html.contains("VERIFIED</span>15 entries (seq 1..15)"));
+        let bad = Verdict {
+            entries: 6,
+            checkpoints: 0,
+            covered_to: None,
+            problem: Some(Problem {
+                seq: Some(7),
+                line: Some(8),
+                what: "entry hash <mismatch>".into(),
+            }),
+        };
+        let r = report(Some(&bad));
+        assert!(matches!(r.banner, Banner::Failed(_)));
+        let html = render_html(&r);
+        assert!(html.contains("banner bad"));
+        assert!(html.contains("FAILED</span>at seq 7 (line 8): entry hash &lt;mismatch&gt;"));
+        assert!(render_markdown(&r).contains("**FAILED**"));
+    }
+
+    #[test]
+    fn markdown_has_the_tables_and_escapes_cells() {
+        let (mut entries, cps) = scenario();
+        entries[6].reason = Some("a|b `rm -rf` <script>".into());
+        let r = build(&ReportInput {
+            entries: &entries,
+            checkpoints: &cps,
+            verdict: None,
+            crypto_period_ms: 90 * DAY,
+            generated_ms: T0 + 120 * DAY,
+        });
+        let md = render_markdown(&r);
+        assert!(md.contains("## Tenant acme"));
+        assert!(md.contains("## Tenant globex"));
+        assert!(md.contains("| Key | Version | State | Created |"));
+        assert!(md.contains("| Time (UTC) | Event | State after |"));
+        assert!(md.contains("| Tenant | Action | Succeeded | Refused / failed |"));
+        assert!(md.contains("## Refused or failed key-lifecycle attempts"));
+        assert!(md.contains("a\\|b \\`rm -rf\\` \\<script\\>"));
+        assert!(!md.contains("a|b"));
+        assert!(!md.contains("SECRET-PURPOSE"));
+        assert!(md.contains("**outlived its crypto-period**"));
+        assert!(md.contains("**destroyed without dual control**"));
+        // Every table row has as many cells as its header.
+        for block in md.split("\n\n") {
+            let rows: Vec<&str> = block.lines().filter(|l| l.starts_with('|')).collect();
+            if let Some(head) = rows.first() {
+                let cells = |l: &str| l.replace("\\|", "").matches('|').count();
+                for row in &rows {
+                    assert_eq!(cells(row), cells(head), "{row}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reencrypt_fail_without_tenant_goes_to_the_running_job() {
+        let (mut entries, cps) = scenario();
+        entries[8].action = "reencrypt_fail".into();
+        entries[8].tenant = None;
+        entries[8].detail = Some("job=1 error=storage unavailable".into());
+        let r = build(&ReportInput {
+            entries: &entries,
+            checkpoints: &cps,
+            verdict: None,
+            crypto_period_ms: 90 * DAY,
+            generated_ms: T0 + 120 * DAY,
+        });
+        let acme = r.tenant("acme").unwrap();
+        assert_eq!(acme.events[1].action, "reencrypt_fail");
+        assert!(acme.events[1].note.contains("failed: storage unavailable"));
+        assert!(
+            r.key(1)
+                .unwrap()
+                .timeline
+                .iter()
+                .any(|e| e.kind == KeyEventKind::ReencryptFail)
+        );
+        assert!(r.attempts.iter().any(|e| e.seq == 9));
+    }
 }

@@ -309,13 +309,37 @@ fn report(
     md: Option<&Path>,
     crypto_period_days: u64,
 ) -> Result<(), String> {
-    // TEMP-REPORT-PENDING: replaced when src/audit/report.rs lands.
-    let _ = (
-        read_export(input)?,
-        public_key,
-        html,
-        md,
-        crypto_period_days,
-    );
-    Err("report module pending".into())
+    use tokenvault::audit::report::{ReportInput, build, render_html, render_markdown};
+    if html.is_none() && md.is_none() {
+        return Err("name an output: --html FILE and/or --md FILE".into());
+    }
+    let (entries, cps) = read_export(input)?;
+    let verdict = match public_key {
+        Some(pk) => {
+            let pk = read_public_key(pk)?;
+            let f = std::fs::File::open(input).map_err(|e| e.to_string())?;
+            Some(verify_export(BufReader::new(f), &pk))
+        }
+        None => None,
+    };
+    let report = build(&ReportInput {
+        entries: &entries,
+        checkpoints: &cps,
+        verdict: verdict.as_ref(),
+        crypto_period_ms: i64::try_from(crypto_period_days.saturating_mul(86_400_000))
+            .unwrap_or(i64::MAX),
+        generated_ms: tokenvault::domain::vault::now_ms(),
+    });
+    if let Some(p) = html {
+        std::fs::write(p, render_html(&report)).map_err(|e| format!("{}: {e}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = md {
+        std::fs::write(p, render_markdown(&report)).map_err(|e| format!("{}: {e}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(v) = verdict {
+        println!("{}", v.summary());
+    }
+    Ok(())
 }

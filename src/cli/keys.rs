@@ -56,8 +56,9 @@ pub enum KeysCmd {
         #[arg(long)]
         reason: String,
     },
-    /// Re-wrap every data key under a new KEK (one of --file, --hsm-label,
-    /// --shamir-out-dir).
+    /// Ask to re-wrap every data key under a new KEK (one of --file,
+    /// --hsm-label, --shamir-out-dir). A second administrator must approve
+    /// with `approve-kek` (dual control).
     RotateKek {
         #[command(flatten)]
         conn: Conn,
@@ -101,6 +102,16 @@ pub enum KeysCmd {
         id: u64,
         #[arg(long)]
         watch: bool,
+    },
+    /// Approve another administrator's KEK rotation request; it takes
+    /// effect now.
+    ApproveKek {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        request: u64,
+        #[arg(long)]
+        reason: String,
     },
     /// Destroy a decrypt-only data key that no token references.
     Destroy {
@@ -246,9 +257,28 @@ pub async fn run(cmd: KeysCmd) -> Result<(), String> {
             };
             let r = keys_client(&conn, ADMIN)
                 .await?
-                .rotate_kek(proto::RotateKekRequest {
+                .request_kek_rotation(proto::RotateKekRequest {
                     reason,
                     target: Some(target),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "KEK rotation request {} ({}) recorded; a different administrator must approve it within an hour:\n  vault keys approve-kek --as admin-2 --request {} --reason ...",
+                r.request_id, r.description, r.request_id
+            );
+        }
+        KeysCmd::ApproveKek {
+            conn,
+            request,
+            reason,
+        } => {
+            let r = keys_client(&conn, "admin-2")
+                .await?
+                .approve_kek_rotation(proto::ApproveKekRotationRequest {
+                    request_id: request,
+                    reason,
                 })
                 .await
                 .map_err(status)?

@@ -20,6 +20,8 @@ pub enum AuditAction {
     DekRotate,
     /// Every data key was re-wrapped under a new KEK.
     KekRotate,
+    /// An administrator asked for a KEK rotation (a second must approve).
+    KekRotateRequest,
     /// A decrypt-only data key nothing references was destroyed.
     DekDestroy,
     /// An administrator asked for a tenant's keys to be destroyed.
@@ -50,6 +52,7 @@ impl AuditAction {
             Self::KekInit => "kek_init",
             Self::DekRotate => "dek_rotate",
             Self::KekRotate => "kek_rotate",
+            Self::KekRotateRequest => "kek_rotate_request",
             Self::DekDestroy => "dek_destroy",
             Self::ShredRequest => "shred_request",
             Self::TenantShred => "tenant_shred",
@@ -64,7 +67,7 @@ impl AuditAction {
         }
     }
 
-    pub const ALL: [AuditAction; 19] = [
+    pub const ALL: [AuditAction; 20] = [
         Self::Tokenize,
         Self::Detokenize,
         Self::GetMetadata,
@@ -73,6 +76,7 @@ impl AuditAction {
         Self::KekInit,
         Self::DekRotate,
         Self::KekRotate,
+        Self::KekRotateRequest,
         Self::DekDestroy,
         Self::ShredRequest,
         Self::TenantShred,

@@ -17,20 +17,28 @@ use super::vault::{KEK_CHECK_AAD, Vault, now_ms, storage};
 use crate::crypto::kek::{Kek, KeyBytes};
 use crate::crypto::keyring::dek_aad;
 
-/// How long a shred request waits for its second approval.
-pub const SHRED_REQUEST_TTL_MS: i64 = 60 * 60 * 1000;
+/// How long a request waits for its second administrator's approval.
+pub const APPROVAL_TTL_MS: i64 = 60 * 60 * 1000;
 const REASON_MAX_CHARS: usize = 512;
 
-/// A pending request to destroy all of a tenant's keys, awaiting a second
-/// administrator. Held in memory only: a restart cancels it, which errs on
-/// the side of not destroying.
+/// A dual-control request awaiting a second administrator: destroying a
+/// tenant's keys, or rotating the KEK. Held in memory only: a restart
+/// cancels it, which errs on the side of not changing keys.
 #[derive(Debug, Clone)]
-pub struct ShredRequest {
+pub struct PendingChange {
     pub id: u64,
-    pub tenant: TenantId,
+    pub kind: ChangeKind,
     pub requester: String,
     pub reason: String,
     pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Destroy every data key of this tenant.
+    Shred(TenantId),
+    /// Move to the KEK described here.
+    KekRotation(String),
 }
 
 /// One data key as an administrator or auditor sees it.
@@ -188,18 +196,22 @@ impl Vault {
         res
     }
 
-    /// Re-wraps every live data key under `new` and pins `new`, in one
-    /// commit. Afterwards the old KEK is no longer needed, even to start.
-    pub async fn rotate_kek(
+    /// Completes an approved KEK rotation (see [`Vault::take_kek_rotation`]):
+    /// re-wraps every live data key and the audit signing key under `new`
+    /// and pins `new`, in one commit. Afterwards the old KEK is no longer
+    /// needed, even to start. `approver` is the second administrator.
+    pub async fn rotate_kek_approved(
         &self,
-        caller: &Caller,
+        approver: &Caller,
+        req: &PendingChange,
         new: Arc<dyn Kek>,
         reason: &str,
     ) -> Result<String, VaultError> {
-        let res = self.rotate_kek_inner(caller, &new, reason).await;
+        let mut ev = self.key_event(approver, AuditAction::KekRotate, reason);
+        ev.detail = Some(format!("request_id={} to={}", req.id, new.id()));
+        let ev = approved_event(&ev, req, approver);
+        let res = self.rotate_kek_inner(approver, &new, ev.clone()).await;
         if let Err(e) = &res {
-            let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
-            ev.detail = Some(format!("to={}", new.id()));
             self.audit_error(e, ev).await?;
         }
         res
@@ -209,10 +221,9 @@ impl Vault {
         &self,
         caller: &Caller,
         new: &Arc<dyn Kek>,
-        reason: &str,
+        mut ev: AuditEvent,
     ) -> Result<String, VaultError> {
         caller.authorize(Action::ManageKeys)?;
-        let reason = check_reason(reason)?;
         let _guard = self.lifecycle.lock().await;
         let ring = self.ring()?;
         let old = ring.kek();
@@ -246,11 +257,10 @@ impl Vault {
                 .map_err(|e| internal("check value", e))?,
         };
         let n = rows.len();
-        let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
         ev.detail = Some(format!(
-            "from={} to={} rewrapped_deks={n}",
-            old.id(),
-            new.id()
+            "{} from={} rewrapped_deks={n}",
+            ev.detail.take().unwrap_or_default(),
+            old.id()
         ));
         // The audit signing key is wrapped under the KEK too.
         let signing = match self.signer() {
@@ -313,27 +323,18 @@ impl Vault {
         caller: &Caller,
         tenant: &str,
         reason: &str,
-    ) -> Result<ShredRequest, VaultError> {
+    ) -> Result<PendingChange, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::ShredRequest, reason);
         ev.tenant = Some(tenant.to_owned());
         let res = async {
-            caller.authorize(Action::ManageKeys)?;
-            let reason = check_reason(reason)?;
-            let tenant = parse_tenant(tenant)?;
-            let mut raw = [0u8; 8];
-            crate::crypto::random_bytes(&mut raw).map_err(|_| VaultError::Internal)?;
-            let req = ShredRequest {
-                id: u64::from_be_bytes(raw) >> 1,
-                tenant,
-                requester: caller.identity.clone(),
-                reason: reason.to_owned(),
-                created_ms: now_ms(),
-            };
-            let mut ok = ev.clone();
-            ok.detail = Some(format!("request_id={}", req.id));
-            self.store.append_audit(ok).await.map_err(storage)?;
-            self.pending_shreds().insert(req.id, req.clone());
-            Ok(req)
+            let t = parse_tenant(tenant);
+            self.request_change(
+                caller,
+                reason,
+                move || Ok(ChangeKind::Shred(t?)),
+                ev.clone(),
+            )
+            .await
         }
         .await;
         if let Err(e) = &res {
@@ -352,62 +353,162 @@ impl Vault {
     ) -> Result<Vec<u32>, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::TenantShred, reason);
         ev.detail = Some(format!("request_id={request_id}"));
-        let res = self.approve_shred_inner(caller, request_id, &mut ev).await;
+        let res = async {
+            let _guard = self.lifecycle.lock().await;
+            let req =
+                self.take_change(caller, request_id, |k| matches!(k, ChangeKind::Shred(_)))?;
+            let ChangeKind::Shred(tenant) = &req.kind else {
+                return Err(VaultError::Internal);
+            };
+            ev.tenant = Some(tenant.as_str().to_owned());
+            let done = approved_event(&ev, &req, caller);
+            match self.store.shred_tenant(tenant.as_str(), done).await {
+                Ok(ids) => {
+                    if let Ok(ring) = self.ring() {
+                        for id in &ids {
+                            ring.remove(*id);
+                        }
+                    }
+                    info!(tenant = %tenant, keys = ids.len(), "tenant crypto-shredded");
+                    Ok(ids)
+                }
+                Err(e) => {
+                    self.restore_change(req);
+                    Err(storage(e))
+                }
+            }
+        }
+        .await;
         if let Err(e) = &res {
             self.audit_error(e, ev).await?;
         }
         res
     }
 
-    async fn approve_shred_inner(
+    /// First half of a KEK rotation: records the request (the new KEK is
+    /// described by `target`, built only once approved). PCI DSS 3.7.7: a KEK
+    /// change needs two administrators.
+    pub async fn request_kek_rotation(
+        &self,
+        caller: &Caller,
+        target: &str,
+        reason: &str,
+    ) -> Result<PendingChange, VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::KekRotateRequest, reason);
+        ev.detail = Some(format!("target={target}"));
+        let target = target.to_owned();
+        let res = self
+            .request_change(
+                caller,
+                reason,
+                move || Ok(ChangeKind::KekRotation(target)),
+                ev.clone(),
+            )
+            .await;
+        if let Err(e) = &res {
+            self.audit_error(e, ev).await?;
+        }
+        res
+    }
+
+    /// Takes a pending KEK rotation for approval by `caller`, who must not
+    /// be its requester. The caller then builds the new KEK and completes
+    /// with [`Vault::rotate_kek_approved`], or puts it back with
+    /// [`Vault::restore_change`].
+    pub async fn take_kek_rotation(
         &self,
         caller: &Caller,
         request_id: u64,
-        ev: &mut AuditEvent,
-    ) -> Result<Vec<u32>, VaultError> {
-        caller.authorize(Action::ManageKeys)?;
-        let req = {
-            let mut pending = self.pending_shreds();
-            pending.retain(|_, r| now_ms() - r.created_ms < SHRED_REQUEST_TTL_MS);
-            pending.get(&request_id).cloned()
+        reason: &str,
+    ) -> Result<PendingChange, VaultError> {
+        let res = self.take_change(caller, request_id, |k| {
+            matches!(k, ChangeKind::KekRotation(_))
+        });
+        if let Err(e) = &res {
+            let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
+            ev.detail = Some(format!("request_id={request_id}"));
+            self.audit_error(e, ev).await?;
         }
-        .ok_or_else(|| {
+        res
+    }
+
+    async fn request_change(
+        &self,
+        caller: &Caller,
+        reason: &str,
+        kind: impl FnOnce() -> Result<ChangeKind, VaultError>,
+        ev: AuditEvent,
+    ) -> Result<PendingChange, VaultError> {
+        caller.authorize(Action::ManageKeys)?;
+        let reason = check_reason(reason)?;
+        let kind = kind()?;
+        let mut raw = [0u8; 8];
+        crate::crypto::random_bytes(&mut raw).map_err(|_| VaultError::Internal)?;
+        let req = PendingChange {
+            id: u64::from_be_bytes(raw) >> 1,
+            kind,
+            requester: caller.identity.clone(),
+            reason: reason.to_owned(),
+            created_ms: now_ms(),
+        };
+        let mut ok = ev;
+        let note = format!("request_id={}", req.id);
+        ok.detail = Some(match ok.detail.take() {
+            Some(d) => format!("{note} {d}"),
+            None => note,
+        });
+        self.store.append_audit(ok).await.map_err(storage)?;
+        self.pending().insert(req.id, req.clone());
+        Ok(req)
+    }
+
+    /// Removes a pending request for approval by `caller`, atomically, so
+    /// one request is carried out at most once however many approvals race.
+    fn take_change(
+        &self,
+        caller: &Caller,
+        request_id: u64,
+        kind: impl Fn(&ChangeKind) -> bool,
+    ) -> Result<PendingChange, VaultError> {
+        caller.authorize(Action::ManageKeys)?;
+        let mut pending = self.pending();
+        pending.retain(|_, r| now_ms() - r.created_ms < APPROVAL_TTL_MS);
+        let missing = || {
             VaultError::FailedPrecondition(format!(
-                "no pending shred request {request_id} (requests expire after one hour)"
+                "no pending request {request_id} of this kind (requests expire after one hour)"
             ))
-        })?;
-        ev.tenant = Some(req.tenant.as_str().to_owned());
+        };
+        let req = pending.get(&request_id).ok_or_else(missing)?;
+        if !kind(&req.kind) {
+            return Err(missing());
+        }
         if req.requester == caller.identity {
             return Err(VaultError::PermissionDenied(
                 "dual control: a different administrator must approve this request".into(),
             ));
         }
-        let _guard = self.lifecycle.lock().await;
-        // The destruction is the requester's act, approved by the caller.
-        let mut done = ev.clone();
-        done.actor = req.requester.clone();
-        done.approvers = Some(caller.identity.clone());
-        done.reason = Some(req.reason.clone());
-        let ids = self
-            .store
-            .shred_tenant(req.tenant.as_str(), done)
-            .await
-            .map_err(storage)?;
-        self.pending_shreds().remove(&request_id);
-        if let Ok(ring) = self.ring() {
-            for id in &ids {
-                ring.remove(*id);
-            }
-        }
-        info!(tenant = %req.tenant, keys = ids.len(), "tenant crypto-shredded");
-        Ok(ids)
+        pending.remove(&request_id).ok_or_else(missing)
     }
 
-    fn pending_shreds(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, ShredRequest>> {
-        self.shred_requests
+    /// Puts back a request whose approved action failed, so it can be
+    /// approved again.
+    pub fn restore_change(&self, req: PendingChange) {
+        self.pending().insert(req.id, req);
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, PendingChange>> {
+        self.pending_changes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The audit event of an approved change: the requester's act, approved by
+/// the caller, for the requester's reason.
+fn approved_event(ev: &AuditEvent, req: &PendingChange, approver: &Caller) -> AuditEvent {
+    let mut done = ev.clone();
+    done.actor = req.requester.clone();
+    done.approvers = Some(approver.identity.clone());
+    done.reason = Some(req.reason.clone());
+    done
 }

@@ -131,11 +131,34 @@ impl Vault {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let res = this.drive_job(id).await;
+            let res = loop {
+                match this.drive_job(id).await {
+                    // Sealed mid-batch: keys are gone, so the job pauses. If
+                    // the vault was unsealed meanwhile, carry on at once
+                    // (resume_jobs skipped it while it was still marked
+                    // running); otherwise resume_jobs restarts it at unseal.
+                    Err(VaultError::Sealed) => {
+                        if this.is_sealed() {
+                            info!(job = id, "vault sealed: re-encryption paused");
+                            break Ok(());
+                        }
+                    }
+                    other => break other,
+                }
+            };
             this.running_jobs
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&id);
+            if !this.is_sealed()
+                && matches!(res, Ok(()))
+                && let Ok(Some(j)) = this.store.get_job(id).await
+                && j.state == JobState::Running
+            {
+                // Unsealed between the pause and here: resume now.
+                this.spawn_job(id);
+                return;
+            }
             if let Err(e) = res {
                 warn!(job = id, error = %e, "re-encryption job failed");
                 let mut ev = AuditEvent::new(now_ms(), SYSTEM_ACTOR, AuditAction::ReencryptFail);
@@ -176,9 +199,7 @@ impl Vault {
                 return Ok(());
             }
             if self.is_sealed() {
-                // Keys are gone until unseal; resume_jobs restarts us then.
-                info!(job = id, "vault sealed: re-encryption paused");
-                return Ok(());
+                return Err(VaultError::Sealed);
             }
             let tenant = TenantId::parse(&job.tenant).map_err(|_| VaultError::Internal)?;
             let batch = self

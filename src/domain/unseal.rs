@@ -68,7 +68,10 @@ impl Vault {
         let (threshold, submitted) = {
             let st = self.unseal_state();
             (
-                st.shares.first().map_or(0, |(_, s)| s.threshold()),
+                self.settings
+                    .unseal_threshold
+                    .or_else(|| st.shares.first().map(|(_, s)| s.threshold()))
+                    .unwrap_or(0),
                 u8::try_from(st.shares.len()).unwrap_or(u8::MAX),
             )
         };
@@ -132,6 +135,15 @@ impl Vault {
             share.threshold(),
             share.kek_id()
         ));
+        if let Some(t) = self.settings.unseal_threshold
+            && share.threshold() != t
+        {
+            return Err(VaultError::InvalidArgument(format!(
+                "share is from a {}-of-{} set, but this vault is configured for a threshold of {t}",
+                share.threshold(),
+                share.total()
+            )));
+        }
         if let Some(pin) = self
             .store
             .kek_check()
@@ -198,7 +210,7 @@ impl Vault {
             if !self.is_sealed() {
                 return Err(VaultError::FailedPrecondition("vault is not sealed".into()));
             }
-            let Some(reload) = &self.reload else {
+            let Some(reload) = self.reloader() else {
                 return Err(VaultError::FailedPrecondition(
                     "this vault's KEK is split: custodians must submit their shares".into(),
                 ));

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use super::access::{Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent, Outcome};
 use super::error::VaultError;
-use super::keys::ShredRequest;
+use super::keys::PendingChange;
 use super::store::{KekCheck, Store, StoreError, StoredSigningKey};
 use super::token::Token;
 use super::unseal::UnsealState;
@@ -41,6 +41,9 @@ pub struct VaultSettings {
     pub reencrypt_batch: usize,
     /// Pause between re-encryption batches, so serving continues.
     pub reencrypt_pause_ms: u64,
+    /// For a split KEK: the shares (distinct custodians) needed to unseal,
+    /// as configured. Shares from a set with another threshold are refused.
+    pub unseal_threshold: Option<u8>,
 }
 
 impl Default for VaultSettings {
@@ -53,6 +56,7 @@ impl Default for VaultSettings {
             auto_rotate: true,
             reencrypt_batch: 256,
             reencrypt_pause_ms: 5,
+            unseal_threshold: None,
         }
     }
 }
@@ -77,9 +81,9 @@ pub struct Vault {
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
     sealed_tx: watch::Sender<bool>,
     pub(crate) unseal: Mutex<UnsealState>,
-    pub(crate) shred_requests: Mutex<HashMap<u64, ShredRequest>>,
+    pub(crate) pending_changes: Mutex<HashMap<u64, PendingChange>>,
     pub(crate) running_jobs: Mutex<HashSet<u64>>,
-    pub(crate) reload: Option<KekLoader>,
+    pub(crate) reload: RwLock<Option<Arc<KekLoader>>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -139,9 +143,9 @@ impl Vault {
             lifecycle: tokio::sync::Mutex::new(()),
             sealed_tx,
             unseal: Mutex::default(),
-            shred_requests: Mutex::default(),
+            pending_changes: Mutex::default(),
             running_jobs: Mutex::default(),
-            reload: None,
+            reload: RwLock::new(None),
         }
     }
 
@@ -166,9 +170,26 @@ impl Vault {
     }
 
     /// Lets an administrator unseal a sealed vault by reloading its KEK.
-    pub fn with_reload(mut self, loader: KekLoader) -> Self {
-        self.reload = Some(loader);
+    pub fn with_reload(self, loader: KekLoader) -> Self {
+        self.set_reload(Some(loader));
         self
+    }
+
+    /// Replaces how the KEK is reloaded (after a KEK rotation), or removes
+    /// it (a split KEK can only be rebuilt by custodians).
+    pub fn set_reload(&self, loader: Option<KekLoader>) {
+        let loader = loader.map(Arc::new);
+        match self.reload.write() {
+            Ok(mut r) => *r = loader,
+            Err(p) => *p.into_inner() = loader,
+        }
+    }
+
+    pub(crate) fn reloader(&self) -> Option<Arc<KekLoader>> {
+        self.reload
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Checks `kek` against the pin (pinning it on a new database), unwraps

@@ -1,8 +1,10 @@
 //! `vault.v1.KeyService` over the domain's key lifecycle operations.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prost_types::Timestamp;
@@ -11,9 +13,12 @@ use tonic::{Request, Response, Status};
 
 use super::auth::Authenticator;
 use super::status::{fail, to_status};
-use crate::domain::keys::{DekStatus, KeyStatus};
+use crate::crypto::kek::Kek;
+use crate::domain::AuditAction;
+use crate::domain::keys::{APPROVAL_TTL_MS, ChangeKind, DekStatus, KeyStatus};
 use crate::domain::store::{DekState, JobRecord, JobState};
 use crate::domain::unseal::SealStatus;
+use crate::domain::vault::KekLoader;
 use crate::domain::{Caller, Vault, VaultError};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
@@ -24,11 +29,18 @@ pub struct KeyServiceImpl {
     vault: Arc<Vault>,
     auth: Arc<Authenticator>,
     keks: Arc<KekFactory>,
+    /// Targets of KEK rotation requests awaiting approval, by request id.
+    pending_targets: Mutex<HashMap<u64, Target>>,
 }
 
 impl KeyServiceImpl {
     pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>, keks: Arc<KekFactory>) -> Self {
-        Self { vault, auth, keks }
+        Self {
+            vault,
+            auth,
+            keks,
+            pending_targets: Mutex::default(),
+        }
     }
 }
 
@@ -87,29 +99,53 @@ fn seal_status(s: SealStatus) -> proto::SealStatus {
     }
 }
 
-fn small(n: u32, what: &str) -> Result<u8, Status> {
-    u8::try_from(n).map_err(|_| Status::invalid_argument(format!("{what} must be at most 16")))
-}
-
 type JobStream = Pin<Box<dyn Stream<Item = Result<proto::Job, Status>> + Send>>;
 
+/// Validates a target's shape before it is recorded.
+fn checked_target(t: Target) -> Result<Target, ()> {
+    match &t {
+        Target::FilePath(p) if !p.trim().is_empty() => Ok(t),
+        Target::Hsm(h) if !h.key_label.trim().is_empty() => Ok(t),
+        Target::Shamir(s)
+            if !s.out_dir.trim().is_empty()
+                && (2..=16).contains(&s.threshold)
+                && (s.threshold..=16).contains(&s.shares) =>
+        {
+            Ok(t)
+        }
+        _ => Err(()),
+    }
+}
+
+/// What a KEK rotation target is, for the audit log and the approver.
+fn describe(t: &Target) -> String {
+    match t {
+        Target::FilePath(p) => format!("file:{p}"),
+        Target::Hsm(h) => format!(
+            "hsm:{}{}",
+            h.key_label,
+            if h.generate { " (generate)" } else { "" }
+        ),
+        Target::Shamir(s) => format!("shamir:{}-of-{} into {}", s.threshold, s.shares, s.out_dir),
+    }
+}
+
 impl KeyServiceImpl {
-    /// Builds the target KEK of a rotation. Failures are the operator's to
-    /// fix (a path, a label), so they are reported as such.
-    async fn target_kek(
-        &self,
-        caller: &Caller,
-        target: Option<Target>,
-    ) -> Result<(Arc<dyn crate::crypto::kek::Kek>, Vec<String>), VaultError> {
-        // Only administrators may make the vault touch files or the HSM.
-        caller.authorize(crate::domain::Action::ManageKeys)?;
+    fn targets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Target>> {
+        self.pending_targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Builds the target KEK of an approved rotation. Failures are the
+    /// operator's to fix (a path, a label), so they are reported as such.
+    async fn build_kek(&self, target: Target) -> Result<(Arc<dyn Kek>, Vec<String>), VaultError> {
         let keks = self.keks.clone();
         let bad = |e: String| VaultError::FailedPrecondition(format!("new KEK: {e}"));
         let built = tokio::task::spawn_blocking(move || match target {
-            None => Err("a target KEK is required".to_owned()),
-            Some(Target::FilePath(p)) => keks.file(Path::new(&p)).map(|k| (k, Vec::new())),
-            Some(Target::Hsm(h)) => keks.hsm(&h.key_label, h.generate).map(|k| (k, Vec::new())),
-            Some(Target::Shamir(s)) => {
+            Target::FilePath(p) => keks.file(Path::new(&p)).map(|k| (k, Vec::new())),
+            Target::Hsm(h) => keks.hsm(&h.key_label, h.generate).map(|k| (k, Vec::new())),
+            Target::Shamir(s) => {
                 let shares = u8::try_from(s.shares).map_err(|_| "too many shares".to_owned())?;
                 let threshold =
                     u8::try_from(s.threshold).map_err(|_| "threshold too large".to_owned())?;
@@ -125,6 +161,17 @@ impl KeyServiceImpl {
         .await
         .map_err(|_| VaultError::Internal)?;
         built.map_err(bad)
+    }
+
+    /// How an administrator's `Unseal` reloads the KEK after this rotation:
+    /// from the new file or HSM key; a split KEK needs its custodians.
+    fn loader_for(&self, target: &Target) -> Option<KekLoader> {
+        let keks = self.keks.clone();
+        match target.clone() {
+            Target::FilePath(p) => Some(Box::new(move || keks.file(Path::new(&p)))),
+            Target::Hsm(h) => Some(Box::new(move || keks.hsm(&h.key_label, false))),
+            Target::Shamir(_) => None,
+        }
     }
 }
 
@@ -165,42 +212,85 @@ impl KeyService for KeyServiceImpl {
         }))
     }
 
-    async fn rotate_kek(
+    async fn request_kek_rotation(
         &self,
         request: Request<proto::RotateKekRequest>,
-    ) -> Result<Response<proto::RotateKekResponse>, Status> {
+    ) -> Result<Response<proto::PendingApproval>, Status> {
         let caller = self.auth.caller(&request)?;
-        let st = |e: VaultError| fail("RotateKek", &caller, e);
+        let st = |e: VaultError| fail("RequestKekRotation", &caller, e);
         let r = request.into_inner();
-        if let Some(Target::Shamir(s)) = &r.target {
-            small(s.shares, "shares")?;
-            small(s.threshold, "threshold")?;
-        }
-        let (kek, share_files) = match self.target_kek(&caller, r.target).await {
-            Ok(k) => k,
-            Err(e) => {
-                // Refusals are audited like every other key action.
+        let target = match r.target.map(checked_target).transpose() {
+            Ok(Some(t)) => t,
+            Ok(None) | Err(_) => {
+                let e = VaultError::InvalidArgument(
+                    "a target KEK is required: file_path, hsm, or shamir with 2 <= threshold <= shares <= 16".into(),
+                );
                 self.vault
-                    .audit_key_refusal(
-                        &caller,
-                        crate::domain::AuditAction::KekRotate,
-                        &r.reason,
-                        &e,
-                    )
+                    .audit_key_refusal(&caller, AuditAction::KekRotateRequest, &r.reason, &e)
                     .await
                     .map_err(st)?;
                 return Err(st(e));
             }
         };
-        let kek_id = self
+        let req = self
             .vault
-            .rotate_kek(&caller, kek, &r.reason)
+            .request_kek_rotation(&caller, &describe(&target), &r.reason)
             .await
             .map_err(st)?;
-        Ok(Response::new(proto::RotateKekResponse {
-            kek_id,
-            share_files,
+        self.targets().insert(req.id, target.clone());
+        Ok(Response::new(proto::PendingApproval {
+            request_id: req.id,
+            requested_by: req.requester,
+            expires_at: ts(req.created_ms + APPROVAL_TTL_MS),
+            description: describe(&target),
         }))
+    }
+
+    async fn approve_kek_rotation(
+        &self,
+        request: Request<proto::ApproveKekRotationRequest>,
+    ) -> Result<Response<proto::RotateKekResponse>, Status> {
+        let caller = self.auth.caller(&request)?;
+        let st = |e: VaultError| fail("ApproveKekRotation", &caller, e);
+        let r = request.into_inner();
+        let req = self
+            .vault
+            .take_kek_rotation(&caller, r.request_id, &r.reason)
+            .await
+            .map_err(st)?;
+        let Some(target) = self.targets().remove(&req.id) else {
+            return Err(st(VaultError::Internal));
+        };
+        // The new KEK is built only now, after the second approval: a
+        // refused request never writes share files or creates HSM keys.
+        let (kek, share_files) = match self.build_kek(target.clone()).await {
+            Ok(k) => k,
+            Err(e) => {
+                self.vault
+                    .audit_key_refusal(&caller, AuditAction::KekRotate, &r.reason, &e)
+                    .await
+                    .map_err(st)?;
+                return Err(st(e));
+            }
+        };
+        match self
+            .vault
+            .rotate_kek_approved(&caller, &req, kek, &r.reason)
+            .await
+        {
+            Ok(kek_id) => {
+                self.vault.set_reload(self.loader_for(&target));
+                Ok(Response::new(proto::RotateKekResponse {
+                    kek_id,
+                    share_files,
+                }))
+            }
+            Err(e) => {
+                self.targets().insert(req.id, target);
+                self.vault.restore_change(req);
+                Err(st(e))
+            }
+        }
     }
 
     async fn start_reencryption(
@@ -275,9 +365,12 @@ impl KeyService for KeyServiceImpl {
             .map_err(st)?;
         Ok(Response::new(proto::ShredRequest {
             request_id: req.id,
-            tenant: req.tenant.as_str().to_owned(),
+            tenant: match &req.kind {
+                ChangeKind::Shred(t) => t.as_str().to_owned(),
+                ChangeKind::KekRotation(_) => String::new(),
+            },
             requested_by: req.requester,
-            expires_at: ts(req.created_ms + crate::domain::keys::SHRED_REQUEST_TTL_MS),
+            expires_at: ts(req.created_ms + APPROVAL_TTL_MS),
         }))
     }
 

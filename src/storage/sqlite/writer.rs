@@ -164,9 +164,7 @@ pub fn run(
                     .send(Err(StoreError::Unavailable("store is closed".into())));
             }
         }
-        if commit_batch(&mut conn, &mut batch, &mut state) {
-            truncate_wal(&conn);
-        }
+        commit_batch(&mut conn, &mut batch, &mut state);
     }
     rx.close();
     while let Ok(late) = rx.try_recv() {
@@ -178,15 +176,29 @@ pub fn run(
     info!("sqlite writer stopped");
 }
 
+/// Checkpoints the WAL into the database and truncates it, so erased rows'
+/// old page images do not linger there. A reader holding an old snapshot
+/// makes the checkpoint report "busy"; readers are brief, so retry a little.
 fn truncate_wal(conn: &Connection) {
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-        warn!(error = %e, "WAL checkpoint failed");
+    for attempt in 0..20 {
+        match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Ok(0) => return,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(5 * (attempt + 1))),
+            Err(e) => {
+                warn!(error = %e, "WAL checkpoint failed");
+                return;
+            }
+        }
     }
+    warn!("WAL checkpoint stayed busy; erased pages remain in the WAL until the next one");
 }
 
-/// Commits one batch and answers its requests. Returns whether the batch
-/// erased data.
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterState) -> bool {
+/// Commits one batch and answers its requests. A batch that erased data
+/// truncates the WAL before answering, so an acknowledged destruction is
+/// gone from every file.
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterState) {
     let outcome = (|| {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -224,17 +236,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterS
             state.next_seq = next_seq;
             state.chain_head = chain_head;
             state.destroyed.extend(destroyed);
+            if erased {
+                truncate_wal(conn);
+            }
             for (job, res) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(res);
             }
-            erased
         }
         Err(e) => {
             error!(error = %e, jobs = batch.len(), "batch rolled back");
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(e.clone()));
             }
-            false
         }
     }
 }
