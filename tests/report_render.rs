@@ -271,6 +271,7 @@ fn report_renders_in_headless_chromium() {
     }
     let (entries, checkpoints) = scenario();
     let verdict = Verdict {
+        first_seq: 1,
         entries: entries.len() as u64,
         checkpoints: checkpoints.len() as u64,
         covered_to: Some(19),

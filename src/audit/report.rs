@@ -1974,6 +1974,7 @@ mod tests {
     #[test]
     fn banner_follows_the_verdict() {
         let ok = Verdict {
+            first_seq: 1,
             entries: 15,
             checkpoints: 3,
             covered_to: Some(13),
@@ -1983,6 +1984,7 @@ mod tests {
         assert!(html.contains("banner ok"));
         assert!(html.contains("VERIFIED</span>15 entries (seq 1..15)"));
         let bad = Verdict {
+            first_seq: 1,
             entries: 6,
             checkpoints: 0,
             covered_to: None,

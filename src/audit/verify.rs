@@ -33,6 +33,8 @@ pub struct Problem {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
+    /// The first sequence number checked (1, or the anchor's next).
+    pub first_seq: u64,
     pub entries: u64,
     pub checkpoints: u64,
     /// The highest sequence number a valid checkpoint covers.
@@ -52,8 +54,11 @@ impl Verdict {
                 let covered = self.covered_to.unwrap_or(0);
                 let tail = self.entries.saturating_sub(covered);
                 let mut s = format!(
-                    "VERIFIED: {} entries (seq 1..{}), {} signed checkpoints",
-                    self.entries, self.entries, self.checkpoints
+                    "VERIFIED: {} entries (seq {}..{}), {} signed checkpoints",
+                    self.entries,
+                    self.first_seq,
+                    (self.first_seq + self.entries).saturating_sub(1),
+                    self.checkpoints
                 );
                 match self.covered_to {
                     Some(c) => s.push_str(&format!(", the last covering seq {c}")),
@@ -81,25 +86,65 @@ impl Verdict {
     }
 }
 
+/// What the verifier trusts besides the public key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Start after this trusted point (seq, chain head) instead of the
+    /// genesis: for exports that begin after seq 1.
+    pub anchor: Option<(u64, Hash)>,
+    /// Checkpoints the auditor saw earlier (seq, head): the log must reach
+    /// each and have that head there. This catches a rewritten or truncated
+    /// log that was re-signed or had its later checkpoints removed.
+    pub expect: Vec<(u64, Hash)>,
+    /// Accept a log no signed checkpoint covers (integrity then rests on
+    /// internal consistency alone).
+    pub allow_unsigned: bool,
+}
+
+/// Parses `SEQ:HEXHEAD`, as printed by `vault audit checkpoint`.
+pub fn parse_point(s: &str) -> Result<(u64, Hash), String> {
+    let (seq, head) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not SEQ:HEAD"))?;
+    let seq = seq
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?}: bad sequence number"))?;
+    let head =
+        hash_from_hex(head.trim()).ok_or_else(|| format!("{s:?}: head is not 64 hex digits"))?;
+    Ok((seq, head))
+}
+
 /// Streaming verifier state.
 struct Verifier<'a> {
     public: &'a [u8; 32],
-    /// heads[n] = chain head after entry n (heads[0] = genesis).
+    opts: &'a Options,
+    /// The sequence number `heads[0]` belongs to (0 = genesis).
+    base: u64,
+    /// heads[i] = chain head after entry base + i.
     heads: Vec<Hash>,
     checkpoints: Vec<(Checkpoint, Option<usize>)>,
 }
 
 impl<'a> Verifier<'a> {
-    fn new(public: &'a [u8; 32]) -> Self {
+    fn new(public: &'a [u8; 32], opts: &'a Options) -> Self {
+        let (base, head) = opts.anchor.unwrap_or((0, GENESIS));
         Self {
             public,
-            heads: vec![GENESIS],
+            opts,
+            base,
+            heads: vec![head],
             checkpoints: Vec::new(),
         }
     }
 
     fn last_seq(&self) -> u64 {
-        (self.heads.len() - 1) as u64
+        self.base + (self.heads.len() - 1) as u64
+    }
+
+    fn head_at(&self, seq: u64) -> Option<&Hash> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.heads.get(i)
     }
 
     fn entry(&mut self, r: &AuditRecord, line: Option<usize>) -> Result<(), Problem> {
@@ -145,12 +190,37 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
-    fn finish(self, entries: u64) -> Verdict {
+    fn finish(mut self, entries: u64) -> Verdict {
         let mut covered_to = None;
         let mut problems = Vec::new();
-        let mut cps = self.checkpoints;
+        let mut cps = std::mem::take(&mut self.checkpoints);
         cps.sort_by_key(|(c, _)| c.seq);
-        let mut prev_cp = 0;
+        let last = self.base + entries;
+        let mut prev_cp = self.base;
+        for (seq, head) in &self.opts.expect {
+            match self.head_at(*seq) {
+                _ if *seq > last => problems.push(Problem {
+                    seq: Some(last + 1),
+                    line: None,
+                    what: format!(
+                        "log truncated: it ends at seq {last}, before the pinned checkpoint at seq {seq}"
+                    ),
+                }),
+                Some(h) if h == head => {}
+                Some(_) => problems.push(Problem {
+                    seq: Some(*seq),
+                    line: None,
+                    what: format!(
+                        "the chain head at seq {seq} differs from the pinned checkpoint: the log was rewritten"
+                    ),
+                }),
+                None => problems.push(Problem {
+                    seq: Some(*seq),
+                    line: None,
+                    what: format!("the pinned checkpoint at seq {seq} is before the anchor"),
+                }),
+            }
+        }
         for (c, line) in &cps {
             if !verify_checkpoint(self.public, c.seq, &c.chain_hash, c.time_ms, &c.signature) {
                 problems.push(Problem {
@@ -163,12 +233,15 @@ impl<'a> Verifier<'a> {
                 });
                 continue;
             }
-            let Some(head) = usize::try_from(c.seq).ok().and_then(|i| self.heads.get(i)) else {
+            if c.seq <= self.base {
+                continue; // before the anchor: nothing here to compare with
+            }
+            let Some(head) = self.head_at(c.seq) else {
                 problems.push(Problem {
-                    seq: Some(entries + 1),
+                    seq: Some(last + 1),
                     line: *line,
                     what: format!(
-                        "log truncated: a signed checkpoint covers seq {}, but the log ends at seq {entries}",
+                        "log truncated: a signed checkpoint covers seq {}, but the log ends at seq {last}",
                         c.seq
                     ),
                 });
@@ -190,8 +263,21 @@ impl<'a> Verifier<'a> {
             prev_cp = c.seq;
             covered_to = Some(c.seq);
         }
+        if covered_to.is_none()
+            && self.opts.expect.is_empty()
+            && !self.opts.allow_unsigned
+            && entries > 0
+            && problems.is_empty()
+        {
+            problems.push(Problem {
+                seq: None,
+                line: None,
+                what: "no signed checkpoint covers this log, so its integrity cannot be established (pass --allow-unsigned to accept internal consistency alone)".into(),
+            });
+        }
         problems.sort_by_key(|p| p.seq.unwrap_or(u64::MAX));
         Verdict {
+            first_seq: self.base + 1,
             entries,
             checkpoints: cps.len() as u64,
             covered_to,
@@ -200,11 +286,18 @@ impl<'a> Verifier<'a> {
     }
 }
 
-/// Verifies an export read line by line.
+/// Verifies an export read line by line, from the genesis, requiring a
+/// signed checkpoint.
 pub fn verify_export(input: impl BufRead, public: &[u8; 32]) -> Verdict {
-    let mut v = Verifier::new(public);
+    verify_export_with(input, public, &Options::default())
+}
+
+/// Verifies an export with `opts` (anchor, pinned checkpoints).
+pub fn verify_export_with(input: impl BufRead, public: &[u8; 32], opts: &Options) -> Verdict {
+    let mut v = Verifier::new(public, opts);
     let mut entries = 0u64;
     let fail = |line: usize, seq: Option<u64>, what: String, entries: u64| Verdict {
+        first_seq: 1,
         entries,
         checkpoints: 0,
         covered_to: None,
@@ -248,6 +341,7 @@ pub fn verify_export(input: impl BufRead, public: &[u8; 32]) -> Verdict {
                 }
                 if let Err(p) = v.entry(&rec, Some(n)) {
                     return Verdict {
+                        first_seq: 1,
                         entries,
                         checkpoints: 0,
                         covered_to: None,
@@ -271,10 +365,20 @@ pub fn verify_records(
     checkpoints: &[Checkpoint],
     public: &[u8; 32],
 ) -> Verdict {
-    let mut v = Verifier::new(public);
+    verify_records_with(entries, checkpoints, public, &Options::default())
+}
+
+pub fn verify_records_with(
+    entries: &[AuditRecord],
+    checkpoints: &[Checkpoint],
+    public: &[u8; 32],
+    opts: &Options,
+) -> Verdict {
+    let mut v = Verifier::new(public, opts);
     for (i, r) in entries.iter().enumerate() {
         if let Err(p) = v.entry(r, None) {
             return Verdict {
+                first_seq: 1,
                 entries: i as u64,
                 checkpoints: 0,
                 covered_to: None,
@@ -302,4 +406,132 @@ pub fn chain_of(entries: &[AuditRecord]) -> Vec<(Hash, Hash)> {
 /// Parses a stored hash column.
 pub fn parse_hash(s: &str) -> Option<Hash> {
     hash_from_hex(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::signer::AuditSigner;
+    use crate::domain::audit::{AuditAction, AuditEvent};
+
+    /// A chained log of `n` records (seq 1..=n), as the writer stores it.
+    fn log(n: u64, actor: &str) -> Vec<AuditRecord> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|seq| {
+                let e = AuditEvent::new(1_000 + seq as i64, actor, AuditAction::Detokenize);
+                let eh = Entry::of_event(seq, &e).hash();
+                prev = link(&prev, &eh);
+                AuditRecord {
+                    seq,
+                    time_ms: e.time_ms,
+                    actor: e.actor,
+                    tenant: None,
+                    action: e.action.as_str().into(),
+                    token: None,
+                    outcome: "success".into(),
+                    peer: None,
+                    purpose: None,
+                    detail: None,
+                    key_id: None,
+                    key_version: None,
+                    reason: None,
+                    approvers: None,
+                    entry_hash: Some(eh),
+                    chain_hash: Some(prev),
+                }
+            })
+            .collect()
+    }
+
+    fn sign(s: &AuditSigner, r: &AuditRecord) -> Checkpoint {
+        let head = r.chain_hash.unwrap();
+        Checkpoint {
+            seq: r.seq,
+            chain_hash: head,
+            time_ms: 5,
+            signature: s.sign_checkpoint(r.seq, &head, 5).unwrap(),
+            key_id: s.key_id(),
+        }
+    }
+
+    #[test]
+    fn signed_log_verifies_and_unsigned_needs_consent() {
+        let s = AuditSigner::generate().unwrap();
+        let recs = log(10, "a");
+        let cp = sign(&s, &recs[7]);
+        let v = verify_records(&recs, &[cp], s.public());
+        assert!(v.ok(), "{}", v.summary());
+        assert_eq!(v.covered_to, Some(8));
+        assert!(v.summary().contains("2 newer entries"), "{}", v.summary());
+
+        let v = verify_records(&recs, &[], s.public());
+        assert!(!v.ok());
+        assert!(
+            v.summary().contains("no signed checkpoint"),
+            "{}",
+            v.summary()
+        );
+        let lenient = Options {
+            allow_unsigned: true,
+            ..Options::default()
+        };
+        assert!(verify_records_with(&recs, &[], s.public(), &lenient).ok());
+    }
+
+    #[test]
+    fn pinned_checkpoint_catches_a_resigned_rewrite_and_a_cut_tail() {
+        let s = AuditSigner::generate().unwrap();
+        let honest = log(10, "a");
+        let pin = (8, honest[7].chain_hash.unwrap());
+        // A KEK holder rewrites every entry and re-signs: verifies on its own…
+        let forged = log(10, "mallory");
+        let forged_cp = sign(&s, &forged[9]);
+        assert!(verify_records(&forged, std::slice::from_ref(&forged_cp), s.public()).ok());
+        // …but not against the checkpoint the auditor kept.
+        let opts = Options {
+            expect: vec![pin],
+            ..Options::default()
+        };
+        let v = verify_records_with(&forged, &[forged_cp], s.public(), &opts);
+        assert!(!v.ok());
+        assert!(v.summary().contains("rewritten"), "{}", v.summary());
+        // Tail and its checkpoints cut: the pin is past the end.
+        let cut = &honest[..5];
+        let v = verify_records_with(cut, &[sign(&s, &honest[3])], s.public(), &opts);
+        assert!(v.summary().contains("log truncated"), "{}", v.summary());
+        assert_eq!(v.problem.unwrap().seq, Some(6));
+    }
+
+    #[test]
+    fn partial_export_verifies_from_an_anchor() {
+        let s = AuditSigner::generate().unwrap();
+        let recs = log(10, "a");
+        let tail = &recs[4..];
+        let cp = sign(&s, &recs[9]);
+        // Without an anchor the gap at seq 1 is reported…
+        assert!(!verify_records(tail, std::slice::from_ref(&cp), s.public()).ok());
+        // …with the head at seq 4 as anchor it verifies.
+        let opts = Options {
+            anchor: Some((4, recs[3].chain_hash.unwrap())),
+            ..Options::default()
+        };
+        let v = verify_records_with(tail, &[cp], s.public(), &opts);
+        assert!(v.ok(), "{}", v.summary());
+        // A wrong anchor breaks the first link.
+        let bad = Options {
+            anchor: Some((4, [9u8; 32])),
+            ..Options::default()
+        };
+        assert!(!verify_records_with(tail, &[], s.public(), &bad).ok());
+    }
+
+    #[test]
+    fn points_parse_strictly() {
+        let h = hex::encode([1u8; 32]);
+        assert_eq!(parse_point(&format!("12:{h}")).unwrap(), (12, [1u8; 32]));
+        assert!(parse_point("12").is_err());
+        assert!(parse_point("x:00").is_err());
+        assert!(parse_point(&format!("12:{}", &h[..10])).is_err());
+    }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use tokenvault::audit::export::{self, Line};
 use tokenvault::audit::signer::{parse_public_key_pem, public_key_pem};
-use tokenvault::audit::verify::{verify_export, verify_records};
+use tokenvault::audit::verify::{
+    Options, parse_point, verify_export, verify_export_with, verify_records_with,
+};
 use tokenvault::proto;
 use tokenvault::proto::audit_service_client::AuditServiceClient;
 
@@ -36,12 +38,16 @@ pub enum AuditCmd {
         public_key: PathBuf,
         /// The export to check.
         file: PathBuf,
+        #[command(flatten)]
+        trust: Trust,
     },
     /// Verify the audit log inside a database file directly.
     VerifyDb {
         #[arg(long)]
         public_key: PathBuf,
         db: PathBuf,
+        #[command(flatten)]
+        trust: Trust,
     },
     /// Print the checkpoint public key (PEM).
     PublicKey {
@@ -93,6 +99,36 @@ pub enum AuditCmd {
     },
 }
 
+/// What a verification trusts besides the public key.
+#[derive(clap::Args)]
+pub struct Trust {
+    /// A checkpoint seen earlier, SEQ:HEAD (repeatable): the log must still
+    /// reach it with that head. Catches a log rewritten by a KEK holder or
+    /// truncated together with its later checkpoints.
+    #[arg(long = "expect-checkpoint", value_name = "SEQ:HEAD")]
+    expect: Vec<String>,
+    /// Verify an export that starts after SEQ from this trusted head.
+    #[arg(long, value_name = "SEQ:HEAD")]
+    anchor: Option<String>,
+    /// Accept a log that no signed checkpoint covers.
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+impl Trust {
+    fn options(&self) -> Result<Options, String> {
+        Ok(Options {
+            anchor: self.anchor.as_deref().map(parse_point).transpose()?,
+            expect: self
+                .expect
+                .iter()
+                .map(|p| parse_point(p))
+                .collect::<Result<_, _>>()?,
+            allow_unsigned: self.allow_unsigned,
+        })
+    }
+}
+
 const AUDITOR: &str = "auditor";
 
 fn output(out: Option<&Path>) -> Result<Box<dyn Write>, String> {
@@ -140,10 +176,15 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
             }
             w.flush().map_err(|e| e.to_string())
         }
-        AuditCmd::Verify { public_key, file } => {
+        AuditCmd::Verify {
+            public_key,
+            file,
+            trust,
+        } => {
             let pk = read_public_key(&public_key)?;
+            let opts = trust.options()?;
             let f = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let verdict = verify_export(BufReader::new(f), &pk);
+            let verdict = verify_export_with(BufReader::new(f), &pk, &opts);
             println!("{}", verdict.summary());
             if verdict.ok() {
                 Ok(())
@@ -151,11 +192,16 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
                 Err("the audit log failed verification".into())
             }
         }
-        AuditCmd::VerifyDb { public_key, db } => {
+        AuditCmd::VerifyDb {
+            public_key,
+            db,
+            trust,
+        } => {
             let pk = read_public_key(&public_key)?;
+            let opts = trust.options()?;
             let (entries, cps, _) =
                 tokenvault::storage::sqlite::read_audit_offline(&db).map_err(|e| e.to_string())?;
-            let verdict = verify_records(&entries, &cps, &pk);
+            let verdict = verify_records_with(&entries, &cps, &pk, &opts);
             println!("{}", verdict.summary());
             if verdict.ok() {
                 Ok(())
@@ -248,11 +294,13 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
             {
                 None => println!("no checkpoint signed yet"),
                 Some(cp) => println!(
-                    "checkpoint at seq {}: head {} signed by {} at {}",
+                    "checkpoint at seq {}: head {} signed by {} at {}\nkeep it, and check later exports with --expect-checkpoint {}:{}",
                     cp.seq,
                     cp.chain_hash,
                     cp.key_id,
-                    cp.time.map(|t| t.seconds).unwrap_or_default()
+                    cp.time.map(|t| t.seconds).unwrap_or_default(),
+                    cp.seq,
+                    cp.chain_hash
                 ),
             }
             Ok(())

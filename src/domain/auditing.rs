@@ -183,17 +183,19 @@ impl Vault {
         })
     }
 
-    /// Starts an export: audits it once, then hands out pages with
-    /// [`Vault::export_page`].
+    /// Starts an export: audits it once, then signs a checkpoint of the
+    /// head (which includes that audit record), so the export is covered to
+    /// its end; pages follow from [`Vault::export_page`].
     pub async fn begin_export(&self, caller: &Caller, after: u64) -> Result<(), VaultError> {
         self.audit_read(caller, format!("export after={after}"))
-            .await
+            .await?;
+        match self.checkpoint_now().await {
+            Ok(_) | Err(VaultError::Sealed) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
-    /// One page of an export: entries after `after` and the checkpoints
-    /// covering them (up to the page's last entry; on the last page, all
-    /// remaining ones — a checkpoint beyond the last entry is exactly what
-    /// reveals a truncated log).
+    /// One page of an export (see [`crate::domain::Store::export_page`]).
     pub async fn export_page(
         &self,
         caller: &Caller,
@@ -201,36 +203,9 @@ impl Vault {
         limit: usize,
     ) -> Result<(Vec<AuditRecord>, Vec<Checkpoint>), VaultError> {
         caller.authorize(Action::ReadAudit)?;
-        let limit = limit.clamp(1, MAX_PAGE);
-        let entries = self
-            .store
-            .audit_after(after, limit)
+        self.store
+            .export_page(after, limit.clamp(1, MAX_PAGE))
             .await
-            .map_err(storage)?;
-        let upto = entries
-            .last()
-            .map(|e| e.seq)
-            .filter(|_| entries.len() == limit);
-        let mut cps = Vec::new();
-        let mut from = after;
-        loop {
-            let page = self
-                .store
-                .checkpoints_after(from, MAX_PAGE)
-                .await
-                .map_err(storage)?;
-            let n = page.len();
-            for c in page {
-                from = c.seq;
-                if upto.is_none_or(|u| c.seq <= u) {
-                    cps.push(c);
-                } else {
-                    return Ok((entries, cps));
-                }
-            }
-            if n < MAX_PAGE {
-                return Ok((entries, cps));
-            }
-        }
+            .map_err(storage)
     }
 }

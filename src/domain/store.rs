@@ -303,6 +303,15 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Checkpoint>, StoreError>;
+    /// One page of an export, read in a single snapshot: audit records
+    /// after `after` (at most `limit`), and the checkpoints covering them —
+    /// on the last page (fewer than `limit` records), every remaining
+    /// checkpoint, since one beyond the last record reveals a truncation.
+    async fn export_page(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditRecord>, Vec<Checkpoint>), StoreError>;
     async fn signing_key(&self) -> Result<Option<StoredSigningKey>, StoreError>;
     /// Stores the signing key once, with its audit event. `Conflict` if one
     /// exists.

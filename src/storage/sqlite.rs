@@ -105,22 +105,7 @@ impl SqliteStore {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         self.read(|c| {
             let mut st = c.prepare_cached(&sql)?;
-            let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Checkpoint> {
-                let h: Vec<u8> = r.get(1)?;
-                Ok(Checkpoint {
-                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                    chain_hash: h.try_into().map_err(|_| {
-                        rusqlite::Error::InvalidColumnType(
-                            1,
-                            "chain_hash".into(),
-                            rusqlite::types::Type::Blob,
-                        )
-                    })?,
-                    time_ms: r.get(2)?,
-                    signature: r.get(3)?,
-                    key_id: r.get(4)?,
-                })
-            };
+            let map = checkpoint_from_row;
             if sql.contains("?1") {
                 st.query_map(params![after], map)?.collect()
             } else {
@@ -260,6 +245,19 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         actor: r.get(9)?,
         reason: r.get(10)?,
         error: r.get(11)?,
+    })
+}
+
+fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    let h: Vec<u8> = r.get(1)?;
+    Ok(Checkpoint {
+        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+        chain_hash: h.try_into().map_err(|_| {
+            rusqlite::Error::InvalidColumnType(1, "chain_hash".into(), rusqlite::types::Type::Blob)
+        })?,
+        time_ms: r.get(2)?,
+        signature: r.get(3)?,
+        key_id: r.get(4)?,
     })
 }
 
@@ -549,6 +547,45 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Checkpoint>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.checkpoints_query(&format!("WHERE seq > ?1 ORDER BY seq LIMIT {limit}"), after)
+    }
+
+    async fn export_page(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditRecord>, Vec<Checkpoint>), StoreError> {
+        let after_i = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| {
+            // One read transaction: entries and checkpoints from the same
+            // snapshot, so a checkpoint signed between two reads cannot
+            // appear to cover entries the page does not have.
+            let tx = c.unchecked_transaction()?;
+            let entries = {
+                let mut st = tx.prepare_cached(&format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))?;
+                let rows = st.query_map(params![after_i, limit_i], audit_from_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            let upto = if entries.len() == limit {
+                entries
+                    .last()
+                    .map_or(after_i, |e| i64::try_from(e.seq).unwrap_or(i64::MAX))
+            } else {
+                i64::MAX
+            };
+            let cps = {
+                let mut st = tx.prepare_cached(
+                    "SELECT seq, chain_hash, time_ms, signature, key_id FROM checkpoints
+                     WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+                )?;
+                let rows = st.query_map(params![after_i, upto], checkpoint_from_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            tx.commit()?;
+            Ok((entries, cps))
+        })
     }
 
     async fn signing_key(&self) -> Result<Option<StoredSigningKey>, StoreError> {
