@@ -168,11 +168,14 @@ impl Vault {
         token: &str,
         purpose: &str,
     ) -> Result<Detokenized, VaultError> {
-        let parsed = Token::parse(token).ok();
         let res = self.detokenize_inner(caller, token, purpose).await;
-        let purpose = check_purpose(purpose).ok();
-        self.audit_failure(&res, caller, AuditAction::Detokenize, parsed, None, purpose)
-            .await?;
+        if res.is_err() {
+            // Only failures need the token and purpose again, for the record.
+            let parsed = Token::parse(token).ok();
+            let purpose = check_purpose(purpose).ok();
+            self.audit_failure(&res, caller, AuditAction::Detokenize, parsed, None, purpose)
+                .await?;
+        }
         res
     }
 

@@ -88,7 +88,9 @@ pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
 }
 
 /// Settings every connection gets. `temp_store=MEMORY` keeps sorts and
-/// temporary tables out of temp files.
+/// temporary tables out of temp files. (Memory-mapped I/O was measured and
+/// rejected: with WAL and frequent checkpoints it made detokenize ~25 %
+/// slower here; see BENCHMARKS.md.)
 fn common_pragmas(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
