@@ -112,26 +112,11 @@ impl Vault {
     /// Records an auditor's read of the log before it is served.
     async fn audit_read(&self, caller: &Caller, what: String) -> Result<(), VaultError> {
         if let Err(e) = caller.authorize(Action::ReadAudit) {
-            let ev = self.event(
-                caller,
-                AuditAction::AuditRead,
-                None,
-                None,
-                super::audit::Outcome::SUCCESS,
-                None,
-            );
+            let ev = self.key_event(caller, AuditAction::AuditRead, "");
             self.audit_error(&e, ev).await?;
             return Err(e);
         }
-        let mut ev = self.event(
-            caller,
-            AuditAction::AuditRead,
-            None,
-            None,
-            super::audit::Outcome::SUCCESS,
-            None,
-        );
-        ev.tenant = None;
+        let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
         ev.detail = Some(what);
         self.store.append_audit(ev).await.map_err(storage)?;
         Ok(())

@@ -94,7 +94,14 @@ fn parse_tenant(t: &str) -> Result<TenantId, VaultError> {
 }
 
 impl Vault {
-    fn key_event(&self, caller: &Caller, action: AuditAction, reason: &str) -> AuditEvent {
+    /// A vault-wide event by `caller` (no tenant unless set later), with
+    /// the reason if one was given.
+    pub(crate) fn key_event(
+        &self,
+        caller: &Caller,
+        action: AuditAction,
+        reason: &str,
+    ) -> AuditEvent {
         let mut e = AuditEvent::new(now_ms(), &caller.identity, action);
         e.peer = caller.peer.clone();
         e.reason = Some(reason.trim().to_owned()).filter(|r| !r.is_empty());

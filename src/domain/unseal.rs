@@ -99,15 +99,7 @@ impl Vault {
         caller: &Caller,
         share_text: &str,
     ) -> Result<SealStatus, VaultError> {
-        let mut ev = self.event(
-            caller,
-            AuditAction::UnsealShare,
-            None,
-            None,
-            super::audit::Outcome::SUCCESS,
-            None,
-        );
-        ev.tenant = None;
+        let mut ev = self.key_event(caller, AuditAction::UnsealShare, "");
         let res = self.submit_share_inner(caller, share_text, &mut ev).await;
         match &res {
             Ok(_) => {}
@@ -197,14 +189,7 @@ impl Vault {
         self: &Arc<Self>,
         caller: &Caller,
     ) -> Result<SealStatus, VaultError> {
-        let ev = self.event(
-            caller,
-            AuditAction::Unseal,
-            None,
-            None,
-            super::audit::Outcome::SUCCESS,
-            None,
-        );
+        let ev = self.key_event(caller, AuditAction::Unseal, "");
         let res = async {
             caller.authorize(Action::ManageKeys)?;
             if !self.is_sealed() {
@@ -239,15 +224,7 @@ impl Vault {
         let keys = self.open_ring(kek).await.map_err(open_failed)?;
         let kek_id = keys.0.kek().id().to_owned();
         self.install_ring(Some(keys));
-        let mut ev = self.event(
-            caller,
-            AuditAction::Unseal,
-            None,
-            None,
-            super::audit::Outcome::SUCCESS,
-            None,
-        );
-        ev.tenant = None;
+        let mut ev = self.key_event(caller, AuditAction::Unseal, "");
         ev.detail = Some(format!("kek={kek_id}"));
         self.store
             .append_audit(ev)
@@ -261,15 +238,7 @@ impl Vault {
     /// Drops every key from memory; data calls answer "vault is sealed"
     /// until it is unsealed again.
     pub async fn seal(&self, caller: &Caller, reason: &str) -> Result<SealStatus, VaultError> {
-        let mut ev = self.event(
-            caller,
-            AuditAction::Seal,
-            None,
-            None,
-            super::audit::Outcome::SUCCESS,
-            None,
-        );
-        ev.tenant = None;
+        let mut ev = self.key_event(caller, AuditAction::Seal, "");
         ev.reason = Some(reason.trim().to_owned());
         let res = async {
             caller.authorize(Action::ManageKeys)?;
