@@ -52,4 +52,6 @@ conformance!(Sqlite::new() =>
     concurrent_writes_all_commit,
     acknowledged_writes_survive_reopen,
     rejected_request_fails_alone,
+    reencrypted_row_reads_back_new,
+    deleted_row_never_reads_back,
 );

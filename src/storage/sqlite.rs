@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -31,10 +31,12 @@ use crate::domain::store::{
 };
 use crate::domain::token::Token;
 
+mod cache;
 mod ops;
 mod schema;
 mod writer;
 
+use cache::TokenCache;
 use writer::{Done, Job, Op};
 
 /// Tunables of the SQLite adapter.
@@ -46,6 +48,8 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// Write requests that may wait for the writer before callers are slowed.
     pub queue_depth: usize,
+    /// Token rows (ciphertext) kept in memory for detokenize; 0 disables.
+    pub cache_entries: usize,
 }
 
 impl Default for SqliteOptions {
@@ -54,6 +58,7 @@ impl Default for SqliteOptions {
             readers: 4,
             max_batch: 2048,
             queue_depth: 16_384,
+            cache_entries: 100_000,
         }
     }
 }
@@ -64,6 +69,7 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    cache: Arc<TokenCache>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -150,9 +156,11 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let state = writer::WriterState::load(&conn).map_err(unavailable)?;
         let max_batch = opts.max_batch.max(1);
+        let cache = Arc::new(TokenCache::new(opts.cache_entries));
+        let writer_cache = cache.clone();
         let handle = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch, state))
+            .spawn(move || writer::run(conn, rx, max_batch, state, &writer_cache))
             .map_err(unavailable)?;
         Ok(Self {
             path: path.to_owned(),
@@ -160,6 +168,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(handle)),
             readers,
             next_reader: AtomicUsize::new(0),
+            cache,
         })
     }
 
@@ -382,7 +391,11 @@ impl Store for SqliteStore {
     }
 
     async fn get_token(&self, token: &Token) -> Result<Option<TokenRecord>, StoreError> {
-        self.read(|c| {
+        if let Some(rec) = self.cache.get(token) {
+            return Ok(Some((*rec).clone()));
+        }
+        let epoch = self.cache.epoch();
+        let rec = self.read(|c| {
             c.prepare_cached(
                 "SELECT token, tenant, dek_id, ciphertext, brand, bin, last4, pan_len,
                         exp_month, exp_year, created_ms
@@ -390,7 +403,11 @@ impl Store for SqliteStore {
             )?
             .query_row(params![&token.as_bytes()[..]], token_from_row)
             .optional()
-        })
+        })?;
+        if let Some(r) = &rec {
+            self.cache.fill(epoch, r.clone());
+        }
+        Ok(rec)
     }
 
     async fn delete_token(

@@ -14,6 +14,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use super::cache::TokenCache;
 use super::map_err;
 use super::ops::{self, OpError};
 use crate::domain::audit::{AuditEvent, Checkpoint};
@@ -141,6 +142,7 @@ pub fn run(
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     mut state: WriterState,
+    cache: &TokenCache,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut closing = false;
@@ -164,7 +166,7 @@ pub fn run(
                     .send(Err(StoreError::Unavailable("store is closed".into())));
             }
         }
-        commit_batch(&mut conn, &mut batch, &mut state);
+        commit_batch(&mut conn, &mut batch, &mut state, cache);
     }
     rx.close();
     while let Ok(late) = rx.try_recv() {
@@ -174,6 +176,27 @@ pub fn run(
     }
     truncate_wal(&conn);
     info!("sqlite writer stopped");
+}
+
+/// Brings the token cache in line with what this batch committed, before
+/// anyone is answered: rows written are added, rows deleted or rewritten
+/// removed (see `cache.rs` for why only the writer may do this).
+fn update_cache(cache: &TokenCache, batch: &[Job], results: &[Result<Done, StoreError>]) {
+    let mut gone = Vec::new();
+    for (job, res) in batch.iter().zip(results) {
+        if res.is_err() {
+            continue;
+        }
+        match &job.op {
+            Op::InsertToken(rec, _) => cache.put((**rec).clone()),
+            Op::DeleteToken(t, _, _) => gone.push(*t),
+            Op::ReencryptBatch(_, rows, _) => gone.extend(rows.iter().map(|r| r.token)),
+            _ => {}
+        }
+    }
+    if !gone.is_empty() {
+        cache.remove(gone);
+    }
 }
 
 /// Checkpoints the WAL into the database and truncates it, so erased rows'
@@ -198,7 +221,12 @@ fn truncate_wal(conn: &Connection) {
 /// Commits one batch and answers its requests. A batch that erased data
 /// truncates the WAL before answering, so an acknowledged destruction is
 /// gone from every file.
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterState) {
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Job>,
+    state: &mut WriterState,
+    cache: &TokenCache,
+) {
     let outcome = (|| {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -239,6 +267,7 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, state: &mut WriterS
             if erased {
                 truncate_wal(conn);
             }
+            update_cache(cache, batch, &results);
             for (job, res) in batch.drain(..).zip(results) {
                 let _ = job.reply.send(res);
             }
