@@ -6,8 +6,10 @@ mod common;
 use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::calls::{CALL_TIMEOUT, call};
+use common::cards::with_luhn;
 use common::*;
 use prost_types::Timestamp;
 use tokenvault::audit::signer::{parse_public_key_pem, verify_checkpoint};
@@ -22,9 +24,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 type AuditClient = AuditServiceClient<Channel>;
-
-/// Upper bound on any single call in these tests.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The data-access actions; every other action is a key lifecycle event.
 const DATA_ACTIONS: [&str; 5] = [
@@ -41,35 +40,6 @@ async fn audit_client(v: &TestVault, name: &str) -> AuditClient {
             .await
             .unwrap(),
     )
-}
-
-/// Awaits a call, bounded by `CALL_TIMEOUT`.
-async fn call<T>(
-    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    tokio::time::timeout(CALL_TIMEOUT, f)
-        .await
-        .expect("call timed out")
-        .map(tonic::Response::into_inner)
-}
-
-/// Appends the Luhn check digit to `body`.
-fn with_luhn(body: &str) -> String {
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let d2 = d * 2;
-                if d2 > 9 { d2 - 9 } else { d2 }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
 }
 
 /// The `i`th distinct 16-digit Visa test number.
@@ -94,16 +64,6 @@ async fn detokenize(c: &mut Client, token: &str) -> Result<String, tonic::Status
     }))
     .await
     .map(|r| r.pan)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 fn ts(ms: i64) -> Timestamp {

@@ -6,8 +6,11 @@ mod common;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::calls::call;
+use common::cards::with_luhn;
+use common::process::{clear_vault_env, wait_or_kill};
 use common::*;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -20,20 +23,6 @@ use tokenvault::proto::{
 
 /// Upper bound on one `vault audit …` child process.
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
-/// Upper bound on one gRPC call while building the fixture.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Environment variables that would change what the child reads.
-const VAULT_ENV: &[&str] = &[
-    "VAULT_KEK",
-    "VAULT_KEK_FILE",
-    "VAULT_DB",
-    "VAULT_LISTEN",
-    "VAULT_DATA_DIR",
-    "VAULT_CONFIG",
-    "VAULT_AS",
-    "VAULT_URL",
-];
 
 // ---------------------------------------------------------------------------
 // The `vault` binary as a child process.
@@ -77,24 +66,13 @@ fn vault_cli(args: &[OsString], cwd: Option<&Path>) -> Run {
         .stdout(std::fs::File::create(&stdout_path).unwrap())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .env("RUST_LOG", "warn");
-    for k in VAULT_ENV {
-        cmd.env_remove(k);
-    }
+    clear_vault_env(&mut cmd);
     let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + CLI_TIMEOUT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "vault {args:?} did not exit within {CLI_TIMEOUT:?}; stderr:\n{}",
-                std::fs::read_to_string(&stderr_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(status) = wait_or_kill(&mut child, CLI_TIMEOUT, Duration::from_millis(10)) else {
+        panic!(
+            "vault {args:?} did not exit within {CLI_TIMEOUT:?}; stderr:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
     };
     Run {
         code: status.code(),
@@ -134,33 +112,6 @@ struct Fixture {
     log: PathBuf,
     /// The export, one JSON value per line.
     lines: Vec<Value>,
-}
-
-async fn call<T>(
-    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    tokio::time::timeout(CALL_TIMEOUT, f)
-        .await
-        .expect("call timed out")
-        .map(tonic::Response::into_inner)
-}
-
-fn with_luhn(body: &str) -> String {
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let d2 = d * 2;
-                if d2 > 9 { d2 - 9 } else { d2 }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
 }
 
 /// Starts a vault, makes ~30 mixed calls (tokenize, detokenize, metadata, a

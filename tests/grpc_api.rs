@@ -4,10 +4,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use common::cards::with_luhn;
 use common::*;
 use tokenvault::domain::vault::OpenError;
 use tokenvault::proto::{
@@ -64,35 +64,6 @@ fn token_bytes(token: &str) -> Vec<u8> {
     bs58::decode(token.strip_prefix("tok_").unwrap())
         .into_vec()
         .unwrap()
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-/// Appends the Luhn check digit to `body`.
-fn with_luhn(body: &str) -> String {
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let d2 = d * 2;
-                if d2 > 9 { d2 - 9 } else { d2 }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
 }
 
 /// Every run of `n` consecutive digits in `s`.

@@ -6,6 +6,8 @@
 //! pass, except under CI (env `CI` set), where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::process::{clear_vault_env, sigterm, wait_or_kill};
 use tempfile::TempDir;
 use tokenvault::client::{ClientPki, connect};
 use tokenvault::proto::{DetokenizeRequest, TokenizeRequest};
@@ -91,11 +94,8 @@ impl SoftHsm {
         c.env("SOFTHSM2_CONF", &self.conf)
             .env("VAULT_HSM_PIN", pin)
             .env("VAULT_HSM_MODULE", &self.module)
-            .env("RUST_LOG", "warn")
-            .env_remove("VAULT_KEK")
-            .env_remove("VAULT_CONFIG")
-            .env_remove("VAULT_DATA_DIR")
-            .env_remove("VAULT_LISTEN");
+            .env("RUST_LOG", "warn");
+        clear_vault_env(&mut c);
         c
     }
 
@@ -205,31 +205,17 @@ impl Proc {
 
     /// Sends SIGTERM (a graceful stop), then waits for the exit.
     fn terminate(self) -> Finished {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
+        sigterm(&self.child);
         self.finish()
     }
 
     /// Waits (bounded) for the exit and collects all output.
     fn finish(mut self) -> Finished {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "process did not exit within {WAIT:?}; stderr:\n{}",
-                    self.stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(status) = wait_or_kill(&mut self.child, WAIT, Duration::from_millis(50)) else {
+            panic!(
+                "process did not exit within {WAIT:?}; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
         };
         for r in self.readers.drain(..) {
             let _ = r.join();

@@ -4,12 +4,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::calls::{
+    assert_all_detokenize, call, detokenize_failures, key_by_id, key_status, tokenize_many,
+};
+use common::cards::visa_pan;
 use common::*;
 use tokenvault::client::channel;
 use tokenvault::crypto::kek::{Kek, KeyBytes, LocalKek};
@@ -18,10 +21,10 @@ use tokenvault::domain::vault::OpenError;
 use tokenvault::proto::rotate_kek_request::Target;
 use tokenvault::proto::{
     ApproveKekRotationRequest, ApproveTenantShredRequest, DataKey, DataKeyState,
-    DestroyDataKeyRequest, DetokenizeRequest, GetJobRequest, GetKeyStatusRequest,
-    GetKeyStatusResponse, GetSealStatusRequest, Job, JobState, RequestTenantShredRequest,
-    RotateDataKeyRequest, RotateKekRequest, RotateKekResponse, SealRequest, SealStatus,
-    ShamirTarget, StartReencryptionRequest, TokenizeRequest, UnsealRequest,
+    DestroyDataKeyRequest, DetokenizeRequest, GetJobRequest, GetKeyStatusResponse,
+    GetSealStatusRequest, Job, JobState, RequestTenantShredRequest, RotateDataKeyRequest,
+    RotateKekRequest, RotateKekResponse, SealRequest, SealStatus, ShamirTarget,
+    StartReencryptionRequest, TokenizeRequest, UnsealRequest,
 };
 use tokenvault::server::StartError;
 use tonic::{Code, Status};
@@ -29,46 +32,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Upper bound on any single call.
-const CALL: Duration = Duration::from_secs(10);
-/// Concurrent calls used to tokenize or detokenize a batch of cards.
-const PARALLEL: usize = 8;
+/// The purpose of every detokenize call.
+const PURPOSE: &str = "key lifecycle test";
 
 // ---------------------------------------------------------------------------
-// Cards and calls.
-
-/// The Luhn check digit completing `body`.
-fn luhn_digit(body: &str) -> u32 {
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 { x - 9 } else { x }
-            } else {
-                d
-            }
-        })
-        .sum();
-    (10 - sum % 10) % 10
-}
-
-/// The `n`th distinct Luhn-valid 16-digit Visa number of a series.
-fn pan(base: u64, n: u64) -> String {
-    let body = format!("4{:014}", base + n);
-    format!("{body}{}", luhn_digit(&body))
-}
-
-/// Awaits a unary call with a bound, returning its message.
-async fn call<T>(f: impl Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
-    tokio::time::timeout(CALL, f)
-        .await
-        .expect("call timed out")
-        .map(tonic::Response::into_inner)
-}
+// Calls.
 
 async fn tokenize(c: &mut Client, pan: &str) -> Result<String, Status> {
     call(c.tokenize(TokenizeRequest {
@@ -82,81 +50,10 @@ async fn tokenize(c: &mut Client, pan: &str) -> Result<String, Status> {
 async fn detokenize(c: &mut Client, token: &str) -> Result<String, Status> {
     call(c.detokenize(DetokenizeRequest {
         token: token.into(),
-        purpose: "key lifecycle test".into(),
+        purpose: PURPOSE.into(),
     }))
     .await
     .map(|r| r.pan)
-}
-
-/// Tokenizes `pan(base, 0..n)` with a few concurrent calls; every call must
-/// succeed. Returns (token, PAN) pairs.
-async fn tokenize_many(c: &Client, base: u64, n: u64) -> Vec<(String, String)> {
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..PARALLEL {
-        let mut c = c.clone();
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= n {
-                    return out;
-                }
-                let p = pan(base, i);
-                let t = tokenize(&mut c, &p)
-                    .await
-                    .unwrap_or_else(|s| panic!("tokenize: {s:?}"));
-                out.push((t, p));
-            }
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    assert_eq!(all.len(), usize::try_from(n).unwrap());
-    all
-}
-
-/// Detokenizes every pair with a few concurrent calls; returns a line per
-/// token that did not come back as its own card number.
-async fn detokenize_failures(c: &Client, pairs: &[(String, String)]) -> Vec<String> {
-    let work = Arc::new(Mutex::new(pairs.to_vec()));
-    let mut tasks = Vec::new();
-    for _ in 0..PARALLEL {
-        let mut c = c.clone();
-        let work = work.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            loop {
-                let Some((token, pan)) = work.lock().unwrap().pop() else {
-                    return failures;
-                };
-                match detokenize(&mut c, &token).await {
-                    Ok(p) if p == pan => {}
-                    Ok(_) => failures.push(format!("{token}: a different card number")),
-                    Err(s) => failures.push(format!("{token}: {:?}: {}", s.code(), s.message())),
-                }
-            }
-        }));
-    }
-    let mut failures = Vec::new();
-    for t in tasks {
-        failures.extend(t.await.unwrap());
-    }
-    failures
-}
-
-async fn assert_all_detokenize(c: &Client, pairs: &[(String, String)]) {
-    let failures = detokenize_failures(c, pairs).await;
-    assert!(
-        failures.is_empty(),
-        "{} of {} tokens did not detokenize to their card number, e.g. {:?}",
-        failures.len(),
-        pairs.len(),
-        &failures[..failures.len().min(5)]
-    );
 }
 
 fn assert_code<T: std::fmt::Debug>(res: Result<T, Status>, code: Code, what: &str) -> Status {
@@ -172,12 +69,6 @@ fn assert_code<T: std::fmt::Debug>(res: Result<T, Status>, code: Code, what: &st
 // ---------------------------------------------------------------------------
 // Key service.
 
-async fn key_status(k: &mut KeysClient) -> GetKeyStatusResponse {
-    call(k.get_key_status(GetKeyStatusRequest {}))
-        .await
-        .unwrap()
-}
-
 /// `tenant`'s data keys, oldest version first.
 fn keys_of(s: &GetKeyStatusResponse, tenant: &str) -> Vec<DataKey> {
     let mut v: Vec<DataKey> = s
@@ -188,14 +79,6 @@ fn keys_of(s: &GetKeyStatusResponse, tenant: &str) -> Vec<DataKey> {
         .collect();
     v.sort_by_key(|d| d.version);
     v
-}
-
-fn key_by_id(s: &GetKeyStatusResponse, id: u32) -> DataKey {
-    s.data_keys
-        .iter()
-        .find(|d| d.id == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("no data key {id} in {s:?}"))
 }
 
 async fn rotate(k: &mut KeysClient, tenant: &str, reason: &str) -> DataKey {
@@ -431,7 +314,7 @@ async fn data_key_rotation_under_load_fails_no_request_and_every_token_opens() {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let p = pan(2_000_000, counter.fetch_add(1, Ordering::SeqCst));
+                let p = visa_pan(2_000_000, counter.fetch_add(1, Ordering::SeqCst));
                 let t = match tokenize(&mut tok, &p).await {
                     Ok(t) => t,
                     Err(s) => {
@@ -495,7 +378,7 @@ async fn data_key_rotation_under_load_fails_no_request_and_every_token_opens() {
     let distinct: HashSet<&str> = all.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(distinct.len(), all.len(), "a token was handed out twice");
 
-    assert_all_detokenize(&payments, &all).await;
+    assert_all_detokenize(&payments, &all, PURPOSE).await;
 
     let s = key_status(&mut admin).await;
     let acme = keys_of(&s, "acme");
@@ -548,7 +431,7 @@ async fn data_key_rotates_automatically_after_the_configured_uses() {
 
     let mut made = Vec::new();
     for i in 0..12 {
-        let p = pan(4_000_000, i);
+        let p = visa_pan(4_000_000, i);
         made.push((tokenize(&mut checkout, &p).await.unwrap(), p));
     }
 
@@ -592,7 +475,7 @@ async fn data_key_rotates_automatically_after_the_configured_uses() {
     assert_eq!(created[0].actor, "system");
     assert_eq!(created[0].key_version, Some(1));
 
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
     drop((checkout, payments, admin));
     v.stop().await;
 }
@@ -614,10 +497,10 @@ async fn data_key_refuses_to_encrypt_past_its_hard_limit_until_rotated() {
 
     let mut made = Vec::new();
     for i in 0..3 {
-        let p = pan(5_000_000, i);
+        let p = visa_pan(5_000_000, i);
         made.push((tokenize(&mut checkout, &p).await.unwrap(), p));
     }
-    let fourth = pan(5_000_000, 3);
+    let fourth = visa_pan(5_000_000, 3);
     let s = assert_code(
         tokenize(&mut checkout, &fourth).await,
         Code::ResourceExhausted,
@@ -640,7 +523,7 @@ async fn data_key_refuses_to_encrypt_past_its_hard_limit_until_rotated() {
     assert_eq!(dk.version, 2);
     let t = tokenize(&mut checkout, &fourth).await.unwrap();
     made.push((t, fourth));
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
 
     let rows = audit_rows(&v.db_path());
     assert!(
@@ -711,7 +594,7 @@ async fn reencryption_moves_every_token_so_the_old_key_can_be_destroyed() {
     let s = key_status(&mut admin).await;
     assert_eq!(key_by_id(&s, old.id).state(), DataKeyState::Destroyed);
     assert_eq!(key_by_id(&s, new.id).state(), DataKeyState::Active);
-    assert_all_detokenize(&payments, &all).await;
+    assert_all_detokenize(&payments, &all, PURPOSE).await;
     // Destroying it twice is refused.
     assert_code(
         destroy(&mut admin, old.id, "again").await,
@@ -721,7 +604,7 @@ async fn reencryption_moves_every_token_so_the_old_key_can_be_destroyed() {
 
     // A tenant with nothing under retired keys: an empty job completes.
     let mut g = globex.clone();
-    tokenize(&mut g, &pan(8_000_000, 0)).await.unwrap();
+    tokenize(&mut g, &visa_pan(8_000_000, 0)).await.unwrap();
     let empty = start_job(&mut admin, "globex").await;
     assert_eq!(empty.total, 0);
     let done = wait_job(&mut admin, empty.job_id, Duration::from_secs(15)).await;
@@ -868,7 +751,7 @@ async fn destroying_a_referenced_or_active_key_is_refused_and_audited() {
     assert_eq!(key_by_id(&st, old.id).state(), DataKeyState::DecryptOnly);
     assert_eq!(key_by_id(&st, old.id).tokens, 10);
     assert_eq!(key_by_id(&st, new.id).state(), DataKeyState::Active);
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
 
     let audit = key_audit(&v.db_path());
     let rows = with_action(&audit, "dek_destroy");
@@ -936,7 +819,7 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
     assert_eq!(req.tenant, "acme");
     assert_eq!(req.requested_by, identity(ADMIN));
     // The request alone destroys nothing.
-    assert_all_detokenize(&payments, &acme[..3]).await;
+    assert_all_detokenize(&payments, &acme[..3], PURPOSE).await;
 
     let s = assert_code(
         call(admin.approve_tenant_shred(ApproveTenantShredRequest {
@@ -981,7 +864,7 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
     assert_eq!(ids, want);
 
     // Acme's tokens are gone for good; globex is untouched.
-    let failures = detokenize_failures(&payments, &acme).await;
+    let failures = detokenize_failures(&payments, &acme, PURPOSE).await;
     assert_eq!(failures.len(), acme.len(), "{failures:?}");
     let mut p = payments.clone();
     let s = assert_code(
@@ -990,7 +873,7 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
         "detokenize after shred",
     );
     assert!(s.message().contains("destroyed"), "{:?}", s.message());
-    assert_all_detokenize(&globex_payments, &globex).await;
+    assert_all_detokenize(&globex_payments, &globex, PURPOSE).await;
     let st = key_status(&mut admin).await;
     for d in keys_of(&st, "acme") {
         assert_eq!(d.state(), DataKeyState::Destroyed, "{d:?}");
@@ -1100,7 +983,7 @@ async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
     assert_eq!(st.submitted, 0);
     assert!(key_status(&mut admin).await.sealed);
     let s = assert_code(
-        tokenize(&mut checkout, &pan(13_000_000, 0)).await,
+        tokenize(&mut checkout, &visa_pan(13_000_000, 0)).await,
         Code::Unavailable,
         "tokenize while sealed",
     );
@@ -1151,7 +1034,7 @@ async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
     assert_eq!(st.kek_id, kek_id);
     wait_health(&v, ServingStatus::Serving).await;
     let made = tokenize_many(&checkout, 13_000_000, 10).await;
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
     assert_code(
         unseal(&mut c3, &texts[0]).await,
         Code::FailedPrecondition,
@@ -1162,7 +1045,7 @@ async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
     let st = seal(&mut admin, "end of business day").await.unwrap();
     assert!(st.sealed);
     assert_code(
-        tokenize(&mut checkout, &pan(13_000_000, 99)).await,
+        tokenize(&mut checkout, &visa_pan(13_000_000, 99)).await,
         Code::Unavailable,
         "tokenize after seal",
     );
@@ -1182,7 +1065,7 @@ async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
     assert!(unseal(&mut c2, &texts[1]).await.unwrap().sealed);
     assert!(!unseal(&mut c3, &texts[2]).await.unwrap().sealed);
     wait_health(&v, ServingStatus::Serving).await;
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
 
     // Shares of another KEK, or of another split, are refused.
     seal(&mut admin, "key ceremony checks").await.unwrap();
@@ -1218,14 +1101,16 @@ async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
     assert_eq!(st.submitted, 0);
     assert_eq!(st.kek_id, kek_id, "the pinned KEK is reported while sealed");
     assert_code(
-        tokenize(&mut checkout, &pan(13_000_000, 98)).await,
+        tokenize(&mut checkout, &visa_pan(13_000_000, 98)).await,
         Code::Unavailable,
         "tokenize after restart",
     );
     assert!(unseal(&mut c3, &texts[2]).await.unwrap().sealed);
     assert!(!unseal(&mut c1, &texts[0]).await.unwrap().sealed);
-    assert_all_detokenize(&payments, &made).await;
-    tokenize(&mut checkout, &pan(13_000_000, 97)).await.unwrap();
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
+    tokenize(&mut checkout, &visa_pan(13_000_000, 97))
+        .await
+        .unwrap();
 
     // 10. Audit of the ceremony.
     let audit = key_audit(&v.db_path());
@@ -1297,7 +1182,7 @@ async fn kek_rotation_to_a_file_rewraps_every_key_and_retires_the_old_kek() {
     assert!(seal(&mut admin, "maintenance").await.unwrap().sealed);
     let mut c = checkout.clone();
     assert_code(
-        tokenize(&mut c, &pan(14_000_000, 999)).await,
+        tokenize(&mut c, &visa_pan(14_000_000, 999)).await,
         Code::Unavailable,
         "tokenize while sealed",
     );
@@ -1309,7 +1194,7 @@ async fn kek_rotation_to_a_file_rewraps_every_key_and_retires_the_old_kek() {
     let st = unseal(&mut admin, "").await.unwrap();
     assert!(!st.sealed, "{st:?}");
     assert_eq!(st.kek_id, old_id);
-    assert_all_detokenize(&payments, &acme).await;
+    assert_all_detokenize(&payments, &acme, PURPOSE).await;
     drop((custodian, c));
 
     let new_path = v.dir.path().join("kek-2.b64");
@@ -1380,8 +1265,8 @@ async fn kek_rotation_to_a_file_rewraps_every_key_and_retires_the_old_kek() {
         "rotation to the current KEK",
     );
 
-    assert_all_detokenize(&payments, &acme).await;
-    assert_all_detokenize(&globex_payments, &globex).await;
+    assert_all_detokenize(&payments, &acme, PURPOSE).await;
+    assert_all_detokenize(&globex_payments, &globex, PURPOSE).await;
     acme.extend(tokenize_many(&checkout, 17_000_000, 5).await);
     let s = key_status(&mut admin).await;
     assert_eq!(s.kek_id, new_kek.id());
@@ -1431,9 +1316,11 @@ async fn kek_rotation_to_a_file_rewraps_every_key_and_retires_the_old_kek() {
     let payments = v.client(ACME_PAYMENTS).await;
     let globex_payments = v.client(GLOBEX_PAYMENTS).await;
     let mut checkout = v.client(ACME_CHECKOUT).await;
-    assert_all_detokenize(&payments, &acme).await;
-    assert_all_detokenize(&globex_payments, &globex).await;
-    tokenize(&mut checkout, &pan(17_000_000, 99)).await.unwrap();
+    assert_all_detokenize(&payments, &acme, PURPOSE).await;
+    assert_all_detokenize(&globex_payments, &globex, PURPOSE).await;
+    tokenize(&mut checkout, &visa_pan(17_000_000, 99))
+        .await
+        .unwrap();
     assert_eq!(
         key_status(&mut v.keys(AUDITOR).await).await.kek_id,
         new_kek.id()
@@ -1498,7 +1385,7 @@ async fn kek_rotation_to_a_share_set_writes_private_share_files_that_unseal() {
         assert_eq!((share.threshold(), share.total()), (2, 3));
         texts.push(text);
     }
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
     assert_eq!(key_status(&mut admin).await.kek_id, r.kek_id);
 
     drop((checkout, payments, admin));
@@ -1513,15 +1400,17 @@ async fn kek_rotation_to_a_share_set_writes_private_share_files_that_unseal() {
     assert!(st.sealed);
     assert_eq!(st.kek_id, r.kek_id);
     assert_code(
-        tokenize(&mut checkout, &pan(19_000_000, 99)).await,
+        tokenize(&mut checkout, &visa_pan(19_000_000, 99)).await,
         Code::Unavailable,
         "tokenize while sealed",
     );
     assert!(unseal(&mut c1, &texts[0]).await.unwrap().sealed);
     let st = unseal(&mut c2, &texts[2]).await.unwrap();
     assert!(!st.sealed, "{st:?}");
-    assert_all_detokenize(&payments, &made).await;
-    tokenize(&mut checkout, &pan(19_000_000, 98)).await.unwrap();
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
+    tokenize(&mut checkout, &visa_pan(19_000_000, 98))
+        .await
+        .unwrap();
 
     let audit = key_audit(&v.db_path());
     let rot = with_action(&audit, "kek_rotate");
@@ -1623,7 +1512,7 @@ async fn sealing_pauses_a_running_reencryption_job_instead_of_failing_it() {
         );
         assert_eq!(end.done, end.total, "{end:?}");
     }
-    assert_all_detokenize(&payments, &made[..200]).await;
+    assert_all_detokenize(&payments, &made[..200], PURPOSE).await;
     drop((checkout, payments, admin));
     v.stop().await;
 }
@@ -1728,7 +1617,7 @@ async fn kek_rotation_needs_a_second_administrator() {
     }
     assert_eq!(ok, 1, "exactly one approval takes effect");
     assert_eq!(key_status(&mut admin).await.kek_id, new_kek.id());
-    assert_all_detokenize(&payments, &made).await;
+    assert_all_detokenize(&payments, &made, PURPOSE).await;
     let rows = audit_rows(&v.db_path());
     assert!(
         rows.iter()

@@ -1,15 +1,15 @@
 //! Proves that no card number reaches the disk or the logs in clear: after a full workload at debug log level, neither the SQLite files (live and after shutdown) nor any other data file nor the captured standard output and error hold a known PAN or any Luhn-valid run of 13–19 ASCII digits.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeSet, HashSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::RecvTimeoutError;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::calls::CALL_TIMEOUT;
+use common::cards::{luhn_valid, with_luhn};
+use common::process::VaultProc;
 use tokenvault::client::{ClientPki, connect};
 use tokenvault::proto::token_service_client::TokenServiceClient;
 use tokenvault::proto::{
@@ -21,171 +21,12 @@ use tonic::transport::Channel;
 
 type Client = TokenServiceClient<Channel>;
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const CARDS: usize = 200;
 const DELETED: usize = 40;
 const PURPOSE: &str = "leakage test";
 
-/// Environment variables that would change what the child serves.
-const VAULT_ENV: &[&str] = &[
-    "VAULT_KEK",
-    "VAULT_KEK_FILE",
-    "VAULT_DB",
-    "VAULT_LISTEN",
-    "VAULT_REFLECTION",
-    "VAULT_DATA_DIR",
-    "VAULT_CONFIG",
-];
-
-// ---------------------------------------------------------------------------
-// The vault as a child process.
-
-/// A `vault dev` child process. Dropping it sends SIGKILL and reaps it, so a
-/// failing test never leaves a server behind.
-struct VaultProc {
-    child: Child,
-    addr: SocketAddr,
-    stderr_path: PathBuf,
-    stdout_reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl VaultProc {
-    /// Starts `vault dev` on `data_dir` with an OS-chosen port and waits (at
-    /// most `START_TIMEOUT`) for its `listening on ADDR` line. Standard output
-    /// is copied to `logs/<run>.stdout`, standard error goes to
-    /// `logs/<run>.stderr`.
-    fn start(data_dir: &Path, logs: &Path, run: &str, log_level: &str) -> Self {
-        std::fs::create_dir_all(logs).unwrap();
-        let stderr_path = logs.join(format!("{run}.stderr"));
-        let stdout_path = logs.join(format!("{run}.stdout"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
-        cmd.arg("dev")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("VAULT_LOG", log_level)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr_path).unwrap());
-        for v in VAULT_ENV {
-            cmd.env_remove(v);
-        }
-        let mut child = cmd.spawn().expect("spawn the vault binary");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let stdout_reader = std::thread::spawn(move || {
-            let mut copy = File::create(stdout_path).unwrap();
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = writeln!(copy, "{line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut proc = VaultProc {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            stderr_path,
-            stdout_reader: Some(stdout_reader),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    // The dev help text also mentions "listening on" (indented,
-                    // followed by more words); only the bare line counts.
-                    if let Some(addr) = line
-                        .strip_prefix("listening on ")
-                        .and_then(|rest| rest.trim().parse::<SocketAddr>().ok())
-                    {
-                        assert!(addr.ip().is_loopback(), "vault bound {addr}, not loopback");
-                        proc.addr = addr;
-                        return proc;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "vault did not print `listening on ADDR` within {START_TIMEOUT:?}; stderr:\n{}",
-                    proc.stderr()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "vault closed its standard output before announcing its address (status {:?}); stderr:\n{}",
-                    proc.child.try_wait(),
-                    proc.stderr()
-                ),
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill(1)");
-        assert!(status.success(), "kill -TERM failed: {status}");
-    }
-
-    /// Waits at most `limit` for the process to exit; panics (and the guard
-    /// then kills it) if it does not.
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                if let Some(reader) = self.stdout_reader.take() {
-                    let _ = reader.join();
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "vault did not exit within {limit:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for VaultProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Card numbers.
-
-/// Luhn check over ASCII digits (an oracle independent of the vault's own).
-fn luhn_valid(digits: &[u8]) -> bool {
-    let mut sum = 0u32;
-    for (i, &b) in digits.iter().rev().enumerate() {
-        let mut d = u32::from(b - b'0');
-        if i % 2 == 1 {
-            d *= 2;
-            if d > 9 {
-                d -= 9;
-            }
-        }
-        sum += d;
-    }
-    sum.is_multiple_of(10)
-}
-
-/// The digit that makes `body` + digit Luhn-valid.
-fn check_digit(body: &str) -> char {
-    (b'0'..=b'9')
-        .map(char::from)
-        .find(|&c| luhn_valid(format!("{body}{c}").as_bytes()))
-        .unwrap()
-}
 
 /// splitmix64: deterministic, so a failure reproduces.
 struct Rng(u64);
@@ -254,7 +95,7 @@ fn test_cards() -> Vec<Card> {
         while body.len() < len - 1 {
             body.push(char::from(b'0' + u8::try_from(rng.below(10)).unwrap()));
         }
-        let pan = format!("{body}{}", check_digit(&body));
+        let pan = with_luhn(&body);
         if !seen.insert(pan.clone()) {
             continue;
         }

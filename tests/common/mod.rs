@@ -3,10 +3,15 @@
 //! mTLS clients for each example caller.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod calls;
+pub mod cards;
+pub mod process;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
 use tokenvault::client::{ClientPki, channel, connect};
@@ -203,4 +208,15 @@ pub fn identity(name: &str) -> &'static str {
 
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
 }
