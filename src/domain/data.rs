@@ -344,24 +344,62 @@ pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
     Ok(p)
 }
 
-/// True if `s` holds a run of 12–19 digits (spaces and hyphens allowed
-/// between them) that passes Luhn, or any run of 20 or more digits.
+/// True if `s` holds a card-number-like sequence: digit groups joined by
+/// spaces or hyphens, any consecutive span of which has 12–19 digits in all
+/// and passes Luhn ("refund 2 4111 1111 1111 1111" is caught by its last
+/// four groups, not hidden by the stray 2), or a single group of 20 or more
+/// digits.
 pub(crate) fn contains_card_like_digits(s: &str) -> bool {
-    let mut run: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::new());
-    let check = |run: &[u8]| (12..=19).contains(&run.len()) && luhn_valid(run) || run.len() >= 20;
-    for b in s.bytes() {
+    // Digits of the current run, and where each group in it ends.
+    let mut digits: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::new());
+    let mut ends: Vec<usize> = Vec::new();
+    let mut in_group = false;
+    for b in s.bytes().chain(std::iter::once(b'.')) {
         match b {
-            b'0'..=b'9' => run.push(b),
-            b' ' | b'-' if !run.is_empty() => {}
+            b'0'..=b'9' => {
+                digits.push(b);
+                in_group = true;
+            }
+            b' ' | b'-' if !digits.is_empty() => {
+                if in_group {
+                    ends.push(digits.len());
+                    in_group = false;
+                }
+            }
             _ => {
-                if check(&run) {
+                if in_group {
+                    ends.push(digits.len());
+                    in_group = false;
+                }
+                if run_has_card(&digits, &ends) {
                     return true;
                 }
-                run.clear();
+                digits.clear();
+                ends.clear();
             }
         }
     }
-    check(&run)
+    false
+}
+
+/// Whether any span of whole groups of a run is card-like (see above).
+fn run_has_card(digits: &[u8], ends: &[usize]) -> bool {
+    let starts = std::iter::once(0).chain(ends.iter().copied());
+    for (i, start) in starts.enumerate().take(ends.len()) {
+        if ends[i] - start >= 20 {
+            return true;
+        }
+        for end in &ends[i..] {
+            let n = end - start;
+            if n > 19 {
+                break;
+            }
+            if n >= 12 && luhn_valid(&digits[start..*end]) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -380,6 +418,17 @@ mod tests {
         assert!(check_purpose("refund 4111-1111-1111-1111 now").is_err());
         // A long order number that fails Luhn is fine.
         assert!(check_purpose("order 4111111111111112").is_ok());
+        // A stray number next to the card does not hide it (found by the
+        // purpose_check fuzz target).
+        for hidden in [
+            "refund qty 2 4111 1111 1111 1111",
+            "card 4111-1111-1111-1111-7 declined",
+            "order 12 4111111111111111",
+            "6--888888888888",
+        ] {
+            assert!(check_purpose(hidden).is_err(), "{hidden}");
+        }
+        assert!(check_purpose("orders 12 and 34, ticket 5678").is_ok());
         assert!(check_purpose("order 123456789012345678901").is_err());
     }
 
