@@ -8,13 +8,20 @@
 //! - [`domain`]: the core. [`domain::Pan`] (only made by parsing),
 //!   [`domain::Token`], callers and roles ([`domain::access`]), audit events,
 //!   the [`domain::Store`] port, and [`domain::Vault`], which sequences every
-//!   operation. Knows nothing of gRPC or SQL.
-//! - [`crypto`]: the AES-256-GCM record envelope, KEK sources ([`crypto::kek`])
+//!   operation: the data plane (`data`), key lifecycle (`keys`: rotation,
+//!   KEK rotation, destruction, dual-control approvals), sealing (`unseal`),
+//!   re-encryption jobs (`reencrypt`) and the audit log's reads and
+//!   checkpoints (`auditing`). Knows nothing of gRPC or SQL.
+//! - [`crypto`]: the AES-256-GCM record envelope, KEK sources ([`crypto::kek`]
+//!   file/env, [`crypto::hsm`] PKCS#11, [`crypto::shamir`] split knowledge)
 //!   and the key ring of unwrapped data keys with their use counters.
-//! - [`storage`]: adapters for the store port. SQLite with a group-commit
-//!   writer is the default.
-//! - [`transport`]: gRPC services, caller identity from the mTLS client
-//!   certificate, and the single error → status mapping.
+//! - [`audit`]: the hash chain, Ed25519 checkpoints, the JSONL export, the
+//!   offline verifier and the key-lifecycle report.
+//! - [`storage`]: adapters for the store port, and the conformance suite
+//!   every adapter runs. SQLite with a group-commit writer is the default.
+//! - [`transport`]: gRPC services (`TokenService`, `KeyService`,
+//!   `AuditService`), caller identity from the mTLS client certificate, and
+//!   the single error → status mapping.
 //! - [`server`]: assembles config, KEK, store, vault and the TLS listener;
 //!   graceful shutdown. [`config`]: typed, validated configuration.
 //! - [`devpki`]: development CA, certificates, KEK and config; [`client`]:
