@@ -24,7 +24,6 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
 use crate::domain::audit::{AuditEvent, AuditRecord, Checkpoint};
-use crate::domain::pan::CardBrand;
 use crate::domain::store::{
     AuditFilter, DekState, JobRecord, JobState, KekCheck, Reencrypted, Store, StoreError,
     StoredSigningKey, TokenRecord, WrappedDek,
@@ -32,9 +31,15 @@ use crate::domain::store::{
 use crate::domain::token::Token;
 
 mod cache;
+mod offline;
 mod ops;
+mod rows;
 mod schema;
 mod writer;
+
+pub use offline::{OfflineAudit, read_audit_offline};
+pub(crate) use rows::{AUDIT_COLUMNS, audit_from_row};
+use rows::{JOB_COLUMNS, checkpoint_from_row, hash_col, job_from_row, token_from_row};
 
 use cache::TokenCache;
 use writer::{Done, Job, Op};
@@ -210,97 +215,6 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     {
         opts.open(path).map(|_| ())
     }
-}
-
-fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
-    let token: Vec<u8> = r.get(0)?;
-    let token: [u8; 22] = token.try_into().map_err(|_| {
-        rusqlite::Error::InvalidColumnType(0, "token".into(), rusqlite::types::Type::Blob)
-    })?;
-    let brand: String = r.get(4)?;
-    Ok(TokenRecord {
-        token: Token::from_bytes(token),
-        tenant: r.get(1)?,
-        dek_id: r.get(2)?,
-        ciphertext: r.get(3)?,
-        brand: CardBrand::from_str_opt(&brand).unwrap_or(CardBrand::Unknown),
-        bin: r.get(5)?,
-        last4: r.get(6)?,
-        pan_len: r.get(7)?,
-        exp_month: r.get(8)?,
-        exp_year: r.get(9)?,
-        created_ms: r.get(10)?,
-    })
-}
-
-const JOB_COLUMNS: &str = "SELECT id, tenant, state, total, done, checkpoint, passes, created_ms,
-            updated_ms, actor, reason, error FROM jobs";
-
-fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
-    let state: String = r.get(2)?;
-    let checkpoint: Option<Vec<u8>> = r.get(5)?;
-    let u =
-        |i: usize| -> rusqlite::Result<u64> { Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0)) };
-    Ok(JobRecord {
-        id: u(0)?,
-        tenant: r.get(1)?,
-        state: JobState::parse(&state).unwrap_or(JobState::Failed),
-        total: u(3)?,
-        done: u(4)?,
-        checkpoint: checkpoint
-            .and_then(|t| <[u8; 22]>::try_from(t).ok())
-            .map(Token::from_bytes),
-        passes: r.get(6)?,
-        created_ms: r.get(7)?,
-        updated_ms: r.get(8)?,
-        actor: r.get(9)?,
-        reason: r.get(10)?,
-        error: r.get(11)?,
-    })
-}
-
-fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
-    let h: Vec<u8> = r.get(1)?;
-    Ok(Checkpoint {
-        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-        chain_hash: h.try_into().map_err(|_| {
-            rusqlite::Error::InvalidColumnType(1, "chain_hash".into(), rusqlite::types::Type::Blob)
-        })?,
-        time_ms: r.get(2)?,
-        signature: r.get(3)?,
-        key_id: r.get(4)?,
-    })
-}
-
-/// Columns for [`audit_from_row`], in order.
-pub(crate) const AUDIT_COLUMNS: &str = "seq, time_ms, actor, tenant, action, token, outcome, peer, purpose, detail, key_id, key_version, reason, approvers, entry_hash, chain_hash";
-
-fn hash_col(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
-    v.and_then(|b| <[u8; 32]>::try_from(b).ok())
-}
-
-pub(crate) fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
-    let token: Option<Vec<u8>> = r.get(5)?;
-    Ok(AuditRecord {
-        seq: r.get::<_, i64>(0)?.try_into().unwrap_or(0),
-        time_ms: r.get(1)?,
-        actor: r.get(2)?,
-        tenant: r.get(3)?,
-        action: r.get(4)?,
-        token: token
-            .and_then(|t| <[u8; 22]>::try_from(t).ok())
-            .map(Token::from_bytes),
-        outcome: r.get(6)?,
-        peer: r.get(7)?,
-        purpose: r.get(8)?,
-        detail: r.get(9)?,
-        key_id: r.get(10)?,
-        key_version: r.get(11)?,
-        reason: r.get(12)?,
-        approvers: r.get(13)?,
-        entry_hash: hash_col(r.get(14)?),
-        chain_hash: hash_col(r.get(15)?),
-    })
 }
 
 #[async_trait]
@@ -735,56 +649,4 @@ impl Store for SqliteStore {
         debug!(path = %self.path.display(), "sqlite store closed");
         Ok(())
     }
-}
-
-/// Audit records, checkpoints and the checkpoint public key, if any.
-pub type OfflineAudit = (Vec<AuditRecord>, Vec<Checkpoint>, Option<Vec<u8>>);
-
-/// Everything an offline audit export needs, read straight from a database
-/// file through a read-only connection (the vault may be running): every
-/// audit record, every checkpoint, and the checkpoint public key.
-pub fn read_audit_offline(path: &Path) -> Result<OfflineAudit, StoreError> {
-    let c =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(unavailable)?;
-    c.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(unavailable)?;
-    let tx = c.unchecked_transaction().map_err(unavailable)?;
-    let entries = {
-        let mut st = tx
-            .prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"))
-            .map_err(unavailable)?;
-        let rows = st.query_map([], audit_from_row).map_err(unavailable)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(unavailable)?
-    };
-    let checkpoints = {
-        let mut st = tx
-            .prepare(
-                "SELECT seq, chain_hash, time_ms, signature, key_id FROM checkpoints ORDER BY seq",
-            )
-            .map_err(unavailable)?;
-        let rows = st
-            .query_map([], |r| {
-                let h: Vec<u8> = r.get(1)?;
-                Ok(Checkpoint {
-                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-                    chain_hash: h.try_into().unwrap_or([0u8; 32]),
-                    time_ms: r.get(2)?,
-                    signature: r.get(3)?,
-                    key_id: r.get(4)?,
-                })
-            })
-            .map_err(unavailable)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(unavailable)?
-    };
-    let public: Option<Vec<u8>> = tx
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'audit_public_key'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(unavailable)?;
-    Ok((entries, checkpoints, public))
 }
