@@ -403,11 +403,6 @@ pub fn chain_of(entries: &[AuditRecord]) -> Vec<(Hash, Hash)> {
         .collect()
 }
 
-/// Parses a stored hash column.
-pub fn parse_hash(s: &str) -> Option<Hash> {
-    hash_from_hex(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -287,35 +287,12 @@ impl KeyRing {
         }
     }
 
-    /// Every key in the ring.
-    pub fn all(&self) -> Vec<Arc<DataKey>> {
-        self.by_id
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
-    }
-
     pub fn active_for(&self, tenant: &str) -> Option<Arc<DataKey>> {
         self.active.read().ok()?.get(tenant).cloned()
     }
 
     pub fn get(&self, id: u32) -> Option<Arc<DataKey>> {
         self.by_id.read().ok()?.get(&id).cloned()
-    }
-
-    /// The next free DEK id and the next version for `tenant`.
-    pub fn next_ids(&self, tenant: &str) -> (u32, u32) {
-        let Ok(m) = self.by_id.read() else {
-            return (1, 1);
-        };
-        let id = m.keys().max().map_or(1, |m| m + 1);
-        let version = m
-            .values()
-            .filter(|d| d.tenant == tenant)
-            .map(|d| d.version)
-            .max()
-            .map_or(1, |v| v + 1);
-        (id, version)
     }
 }
 

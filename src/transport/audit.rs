@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::Authenticator;
 use super::status::to_status;
+use super::timestamp as ts;
 use crate::audit::export::{self, Line};
 use crate::domain::audit::{AuditRecord, Checkpoint};
 use crate::domain::store::AuditFilter;
@@ -25,13 +26,6 @@ impl AuditServiceImpl {
     pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>) -> Self {
         Self { vault, auth }
     }
-}
-
-fn ts(ms: i64) -> Option<Timestamp> {
-    Some(Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    })
 }
 
 fn ms(t: &Timestamp) -> i64 {

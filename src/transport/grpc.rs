@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 
@@ -52,10 +51,7 @@ fn metadata(m: CardMetadata) -> proto::CardMetadata {
         last4: m.last4,
         pan_length: u32::from(m.pan_len),
         expiry: m.expiry.map(expiry),
-        created_at: Some(Timestamp {
-            seconds: m.created_ms.div_euclid(1000),
-            nanos: i32::try_from(m.created_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-        }),
+        created_at: super::timestamp(m.created_ms),
     }
 }
 

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prost_types::Timestamp;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::auth::Authenticator;
 use super::status::{fail, to_status};
+use super::timestamp as ts;
 use crate::crypto::kek::Kek;
 use crate::domain::AuditAction;
 use crate::domain::keys::{APPROVAL_TTL_MS, ChangeKind, DekStatus, KeyStatus};
@@ -42,13 +42,6 @@ impl KeyServiceImpl {
             pending_targets: Mutex::default(),
         }
     }
-}
-
-fn ts(ms: i64) -> Option<Timestamp> {
-    Some(Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    })
 }
 
 fn dek(d: DekStatus) -> proto::DataKey {

@@ -10,7 +10,6 @@ pub mod process;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
@@ -204,10 +203,6 @@ pub fn identity(name: &str) -> &'static str {
         .find(|c| c.name == name)
         .map(|c| c.identity)
         .unwrap()
-}
-
-pub fn arc<T>(t: T) -> Arc<T> {
-    Arc::new(t)
 }
 
 /// Milliseconds since the Unix epoch, now.
