@@ -3,6 +3,13 @@
 
 use std::process::ExitCode;
 
+// mimalloc instead of glibc malloc: requests are allocated on tokio workers
+// and freed on the SQLite writer thread and back, and glibc's arenas showed
+// lock contention and consolidation in the profile (BENCHMARKS.md). Secrets
+// are zeroized by their own types before any allocator sees them freed.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 mod cli;

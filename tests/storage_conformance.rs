@@ -54,4 +54,6 @@ conformance!(Sqlite::new() =>
     rejected_request_fails_alone,
     reencrypted_row_reads_back_new,
     deleted_row_never_reads_back,
+    token_counts_follow_writes,
+    destroy_only_unreferenced_decrypt_only_keys,
 );

@@ -242,7 +242,6 @@ impl KeyRing {
             kek_id: kek.id().to_owned(),
             created_ms: now_ms,
             reserved: 0,
-            tokens: 0,
         };
         let dk = DataKey::new(&w, &key, 0, self.use_limit);
         Ok((dk, w))

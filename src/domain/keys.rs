@@ -128,6 +128,7 @@ impl Vault {
         let pin = self.store.kek_check().await.map_err(storage)?;
         let ring = self.ring().ok();
         let deks = self.store.load_deks().await.map_err(storage)?;
+        let counts = self.store.token_counts().await.map_err(storage)?;
         let deks = deks
             .into_iter()
             .map(|w| {
@@ -145,7 +146,7 @@ impl Vault {
                     state: w.state,
                     kek_id: w.kek_id,
                     created_ms: w.created_ms,
-                    tokens: w.tokens,
+                    tokens: counts.get(&w.id).copied().unwrap_or(0),
                 }
             })
             .collect();

@@ -176,6 +176,7 @@ impl Vault {
 
     /// Tokens of `tenant` whose key is decrypt-only.
     async fn tokens_under_retired_keys(&self, tenant: &str) -> Result<u64, VaultError> {
+        let counts = self.store.token_counts().await.map_err(storage)?;
         Ok(self
             .store
             .load_deks()
@@ -183,7 +184,7 @@ impl Vault {
             .map_err(storage)?
             .iter()
             .filter(|d| d.tenant == tenant && d.state == DekState::DecryptOnly)
-            .map(|d| d.tokens)
+            .map(|d| counts.get(&d.id).copied().unwrap_or(0))
             .sum())
     }
 

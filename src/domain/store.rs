@@ -76,9 +76,6 @@ pub struct WrappedDek {
     pub created_ms: i64,
     /// Encryptions reserved so far; every one up to this may have been used.
     pub reserved: u64,
-    /// Tokens whose ciphertext is under this key, maintained by the store
-    /// (ignored on insert).
-    pub tokens: u64,
 }
 
 impl std::fmt::Debug for WrappedDek {
@@ -90,7 +87,6 @@ impl std::fmt::Debug for WrappedDek {
             .field("state", &self.state)
             .field("kek_id", &self.kek_id)
             .field("reserved", &self.reserved)
-            .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
 }
@@ -233,6 +229,10 @@ pub trait Store: Send + Sync + 'static {
     async fn pin_kek(&self, check: &KekCheck, audit: AuditEvent) -> Result<(), StoreError>;
 
     async fn load_deks(&self) -> Result<Vec<WrappedDek>, StoreError>;
+    /// How many tokens are under each data key (keys with none may be
+    /// absent). Counted when asked, for key status and re-encryption jobs:
+    /// not cheap, not on any per-request path.
+    async fn token_counts(&self) -> Result<std::collections::HashMap<u32, u64>, StoreError>;
     /// Stores a new wrapped DEK. `Conflict` if its id, or its tenant and
     /// version, is taken.
     async fn insert_dek(&self, dek: &WrappedDek, audit: AuditEvent) -> Result<(), StoreError>;

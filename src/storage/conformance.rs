@@ -61,7 +61,7 @@ pub fn event(action: AuditAction, t: Option<Token>) -> AuditEvent {
     }
 }
 
-fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
+pub fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
     WrappedDek {
         id,
         tenant: tenant.into(),
@@ -71,7 +71,6 @@ fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
         kek_id: "local:test".into(),
         created_ms: 1,
         reserved: 0,
-        tokens: 0,
     }
 }
 
@@ -455,4 +454,140 @@ pub async fn deleted_row_never_reads_back<B: Backend>(b: &B) -> CheckResult {
         )?;
     }
     Ok(())
+}
+
+/// Token counts per key follow inserts, re-encryption moves and deletes.
+pub async fn token_counts_follow_writes<B: Backend>(b: &B) -> CheckResult {
+    use crate::domain::store::{JobRecord, JobState, Reencrypted};
+    let s = b.open().await;
+    ok(
+        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
+            .await,
+        "dek",
+    )?;
+    let none = ok(s.token_counts().await, "counts of an empty store")?;
+    ensure(
+        none.values().all(|&n| n == 0),
+        format!("empty store counts {none:?}"),
+    )?;
+    for i in 0..5u8 {
+        let t = token(100 + i);
+        ok(
+            s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+                .await,
+            "insert",
+        )?;
+    }
+    let counts = ok(s.token_counts().await, "counts")?;
+    ensure(
+        counts.get(&1) == Some(&5),
+        format!("after 5 inserts: {counts:?}"),
+    )?;
+    let job = JobRecord {
+        id: 0,
+        tenant: "acme".into(),
+        state: JobState::Running,
+        total: 2,
+        done: 0,
+        checkpoint: None,
+        passes: 0,
+        created_ms: 1,
+        updated_ms: 1,
+        actor: "a".into(),
+        reason: "r".into(),
+        error: None,
+    };
+    let id = ok(
+        s.create_job(&job, event(AuditAction::ReencryptStart, None))
+            .await,
+        "job",
+    )?;
+    let moved = (100..102u8)
+        .map(|i| Reencrypted {
+            token: token(i),
+            old_dek: 1,
+            new_dek: 2,
+            ciphertext: vec![9; 8],
+        })
+        .collect();
+    ok(s.reencrypt_batch(id, moved, None).await, "reencrypt")?;
+    ok(
+        s.delete_token(
+            &token(104),
+            "acme",
+            event(AuditAction::DeleteToken, Some(token(104))),
+        )
+        .await,
+        "delete",
+    )?;
+    let counts = ok(s.token_counts().await, "counts")?;
+    ensure(
+        counts.get(&1) == Some(&2) && counts.get(&2) == Some(&2),
+        format!("after moving 2 and deleting 1: {counts:?}"),
+    )
+}
+
+/// A key is destroyed only when it is decrypt-only and no token references
+/// it; a refused destroy changes nothing.
+pub async fn destroy_only_unreferenced_decrypt_only_keys<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    ok(
+        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
+            .await,
+        "dek",
+    )?;
+    let t = token(120);
+    ok(
+        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+            .await,
+        "insert",
+    )?;
+    let active = s.destroy_dek(1, event(AuditAction::DekDestroy, None)).await;
+    ensure(
+        matches!(active, Err(StoreError::Precondition(_))),
+        format!("destroying the active key: {active:?}"),
+    )?;
+    ok(
+        s.rotate_dek(
+            &dek(2, "acme", 2),
+            Some(1),
+            event(AuditAction::DekRotate, None),
+        )
+        .await,
+        "rotate",
+    )?;
+    let referenced = s.destroy_dek(1, event(AuditAction::DekDestroy, None)).await;
+    ensure(
+        matches!(&referenced, Err(StoreError::Precondition(m)) if m.contains("1 tokens")),
+        format!("destroying a referenced key: {referenced:?}"),
+    )?;
+    let deks = ok(s.load_deks().await, "load_deks")?;
+    ensure(
+        deks.iter()
+            .any(|d| d.id == 1 && d.state == DekState::DecryptOnly && !d.wrapped.is_empty()),
+        "a refused destroy left the key intact",
+    )?;
+    ok(
+        s.delete_token(&t, "acme", event(AuditAction::DeleteToken, Some(t)))
+            .await,
+        "delete",
+    )?;
+    ok(
+        s.destroy_dek(1, event(AuditAction::DekDestroy, None)).await,
+        "destroy the unreferenced key",
+    )?;
+    let deks = ok(s.load_deks().await, "load_deks")?;
+    ensure(
+        deks.iter()
+            .any(|d| d.id == 1 && d.state == DekState::Destroyed && d.wrapped.is_empty()),
+        "destroyed key keeps no wrapped bytes",
+    )?;
+    let late = record(token(121), "acme");
+    let refused = s
+        .insert_token(late, event(AuditAction::Tokenize, Some(token(121))))
+        .await;
+    ensure(
+        refused.is_err(),
+        format!("a token was stored under a destroyed key: {refused:?}"),
+    )
 }

@@ -13,8 +13,9 @@
 //! blocking pool would cost more than the read. (A std `Mutex` per reader, as
 //! in mini-redis: it is never held across an `.await`.)
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -75,6 +76,8 @@ pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     cache: Arc<TokenCache>,
+    /// Batches the writer has committed (see `WriterState::commits`).
+    commits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -163,9 +166,11 @@ impl SqliteStore {
         let max_batch = opts.max_batch.max(1);
         let cache = Arc::new(TokenCache::new(opts.cache_entries));
         let writer_cache = cache.clone();
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer_commits = commits.clone();
         let handle = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch, state, &writer_cache))
+            .spawn(move || writer::run(conn, rx, max_batch, state, &writer_cache, &writer_commits))
             .map_err(unavailable)?;
         Ok(Self {
             path: path.to_owned(),
@@ -174,6 +179,7 @@ impl SqliteStore {
             readers,
             next_reader: AtomicUsize::new(0),
             cache,
+            commits,
         })
     }
 
@@ -186,6 +192,42 @@ impl SqliteStore {
             .map_err(|_| unavailable("store is closed"))?;
         rx.await
             .map_err(|_| unavailable("writer stopped before committing"))?
+    }
+
+    /// Tokens per data key (only `dek`, if given), counted by a scan on a
+    /// connection of its own in a blocking thread: the table has no index on
+    /// the key, and a scan must not hold up an async worker or a pooled
+    /// reader. Admin operations only.
+    async fn count_tokens(&self, dek: Option<u32>) -> Result<HashMap<u32, u64>, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            common_pragmas(&c)?;
+            let sql = match dek {
+                Some(_) => "SELECT dek_id, count(*) FROM tokens WHERE dek_id = ?1 GROUP BY dek_id",
+                None => "SELECT dek_id, count(*) FROM tokens GROUP BY dek_id",
+            };
+            let mut st = c.prepare(sql)?;
+            let map = |r: &rusqlite::Row<'_>| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?));
+            let rows = match dek {
+                Some(id) => st
+                    .query_map(params![id], map)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => st
+                    .query_map([], map)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            Ok(rows
+                .into_iter()
+                .map(|(id, n)| (id, u64::try_from(n).unwrap_or(0)))
+                .collect())
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(map_err)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -247,8 +289,7 @@ impl Store for SqliteStore {
     async fn load_deks(&self) -> Result<Vec<WrappedDek>, StoreError> {
         let rows = self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, tenant, version, state, wrapped, kek_id, created_ms, reserved,
-                        token_count
+                "SELECT id, tenant, version, state, wrapped, kek_id, created_ms, reserved
                  FROM deks ORDER BY id",
             )?;
             let rows = st.query_map([], |r| {
@@ -261,14 +302,13 @@ impl Store for SqliteStore {
                     r.get::<_, String>(5)?,
                     r.get::<_, i64>(6)?,
                     r.get::<_, i64>(7)?,
-                    r.get::<_, i64>(8)?,
                 ))
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
         rows.into_iter()
             .map(
-                |(id, tenant, version, state, wrapped, kek_id, created_ms, reserved, count)| {
+                |(id, tenant, version, state, wrapped, kek_id, created_ms, reserved)| {
                     Ok(WrappedDek {
                         id,
                         tenant,
@@ -280,8 +320,6 @@ impl Store for SqliteStore {
                         created_ms,
                         reserved: u64::try_from(reserved)
                             .map_err(|_| StoreError::Corrupt(format!("dek {id} counter")))?,
-                        tokens: u64::try_from(count)
-                            .map_err(|_| StoreError::Corrupt(format!("dek {id} token count")))?,
                     })
                 },
             )
@@ -369,8 +407,37 @@ impl Store for SqliteStore {
             .map(|_| ())
     }
 
+    async fn token_counts(&self) -> Result<HashMap<u32, u64>, StoreError> {
+        self.count_tokens(None).await
+    }
+
     async fn destroy_dek(&self, id: u32, audit: AuditEvent) -> Result<(), StoreError> {
-        self.write(Op::DestroyDek(id, audit)).await.map(|_| ())
+        // Only a decrypt-only key is counted; anything else gets the
+        // writer's precise refusal without a scan.
+        let state: Option<String> = self.read(|c| {
+            c.prepare_cached("SELECT state FROM deks WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()
+        })?;
+        // Read before the scan starts, so the scan's snapshot includes at
+        // least every commit up to `since`.
+        let since = self.commits.load(Ordering::Acquire);
+        if state.as_deref() == Some(DekState::DecryptOnly.as_str()) {
+            let refs = self
+                .count_tokens(Some(id))
+                .await?
+                .get(&id)
+                .copied()
+                .unwrap_or(0);
+            if refs > 0 {
+                return Err(StoreError::Precondition(format!(
+                    "{refs} tokens still reference data key {id}; re-encrypt them first"
+                )));
+            }
+        }
+        self.write(Op::DestroyDek(id, since, audit))
+            .await
+            .map(|_| ())
     }
 
     async fn shred_tenant(&self, tenant: &str, audit: AuditEvent) -> Result<Vec<u32>, StoreError> {
@@ -648,5 +715,69 @@ impl Store for SqliteStore {
         }
         debug!(path = %self.path.display(), "sqlite store closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::audit::AuditAction;
+    use crate::storage::conformance::{dek, event, record, token};
+
+    /// The reference scan behind a destroy runs outside the writer. A token
+    /// put under the key after the scan's snapshot (a tokenize that picked
+    /// the key just before it was retired) must make the writer refuse the
+    /// destroy, or the key would be destroyed under a live token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn destroy_is_refused_if_a_token_was_added_after_the_scan() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s =
+            SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).expect("open");
+        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
+            .await
+            .expect("dek");
+        s.rotate_dek(
+            &dek(2, "acme", 2),
+            Some(1),
+            event(AuditAction::DekRotate, None),
+        )
+        .await
+        .expect("rotate");
+
+        // The scan found key 1 unreferenced as of `since`; then a late
+        // tokenize under key 1 commits.
+        let since = s.commits.load(Ordering::Acquire);
+        let late = token(7);
+        s.insert_token(
+            record(late, "acme"),
+            event(AuditAction::Tokenize, Some(late)),
+        )
+        .await
+        .expect("late insert");
+        let refused = s
+            .write(Op::DestroyDek(
+                1,
+                since,
+                event(AuditAction::DekDestroy, None),
+            ))
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Precondition(m)) if m.contains("retry")),
+            "{refused:?}"
+        );
+        let deks = s.load_deks().await.expect("load");
+        assert!(
+            deks.iter()
+                .any(|d| d.id == 1 && d.state == DekState::DecryptOnly)
+        );
+
+        // Once the token is gone, a destroy checked after that succeeds.
+        s.delete_token(&late, "acme", event(AuditAction::DeleteToken, Some(late)))
+            .await
+            .expect("delete");
+        s.destroy_dek(1, event(AuditAction::DekDestroy, None))
+            .await
+            .expect("destroy");
+        s.close().await.expect("close");
     }
 }

@@ -3,8 +3,6 @@
 //! failing statement; multi-statement administrative requests run inside a
 //! savepoint so that a rejected one leaves nothing behind.
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::map_err;
@@ -90,7 +88,9 @@ pub fn apply(tx: &Connection, op: &Op, ctx: &mut BatchCtx<'_>) -> Result<Done, O
             insert_dek(tx, new)?;
             audit_unit(tx, audit, ctx)
         }),
-        Op::DestroyDek(id, audit) => savepoint(tx, ctx, |tx, ctx| destroy_dek(tx, *id, audit, ctx)),
+        Op::DestroyDek(id, since, audit) => {
+            savepoint(tx, ctx, |tx, ctx| destroy_dek(tx, *id, *since, audit, ctx))
+        }
         Op::ShredTenant(tenant, audit) => {
             savepoint(tx, ctx, |tx, ctx| shred_tenant(tx, tenant, audit, ctx))
         }
@@ -229,7 +229,7 @@ fn insert_token(
         r.created_ms,
     ])?;
     append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
-    *ctx.token_deltas.entry(r.dek_id).or_default() += 1;
+    ctx.added.insert(r.dek_id);
     Ok(Done::Unit)
 }
 
@@ -250,23 +250,27 @@ fn delete_token(
         audit.outcome = Outcome::failed("not_found");
     }
     append_audit(tx, &audit, ctx).map_err(OpError::Fatal)?;
-    if let Some(id) = dek {
-        *ctx.token_deltas.entry(id).or_default() -= 1;
-    }
     Ok(Done::Deleted(dek.is_some()))
 }
 
+/// Destroys a decrypt-only key. Whether tokens still reference it was
+/// checked by a scan outside the writer (the tokens table has no index on
+/// the key, so that nothing but the primary key is updated per tokenize);
+/// the scan's snapshot included every commit up to `since`. The key is
+/// still unreferenced now unless a token was put under it after that, which
+/// the writer knows, so such a destroy is refused and can be retried.
 fn destroy_dek(
     tx: &Connection,
     id: u32,
+    since: u64,
     audit: &AuditEvent,
     ctx: &mut BatchCtx<'_>,
 ) -> Result<Done, OpError> {
-    let row: Option<(String, i64)> = tx
-        .prepare_cached("SELECT state, token_count FROM deks WHERE id = ?1")?
-        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+    let state: Option<String> = tx
+        .prepare_cached("SELECT state FROM deks WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
         .optional()?;
-    let Some((state, count)) = row else {
+    let Some(state) = state else {
         return Err(rejected(format!("no data key {id}")));
     };
     match state.as_str() {
@@ -278,10 +282,9 @@ fn destroy_dek(
         "destroyed" => return Err(rejected(format!("data key {id} is already destroyed"))),
         _ => {}
     }
-    let refs = count + ctx.pending_delta(id);
-    if refs > 0 {
+    if ctx.added_since(id, since) {
         return Err(rejected(format!(
-            "{refs} tokens still reference data key {id}; re-encrypt them first"
+            "tokens were put under data key {id} while it was being checked; retry"
         )));
     }
     tx.prepare_cached("UPDATE deks SET state = 'destroyed', wrapped = NULL WHERE id = ?1")?
@@ -387,8 +390,7 @@ fn reencrypt(
             .map_err(fatal)?;
         if n == 1 {
             applied += 1;
-            *ctx.token_deltas.entry(r.old_dek).or_default() -= 1;
-            *ctx.token_deltas.entry(r.new_dek).or_default() += 1;
+            ctx.added.insert(r.new_dek);
         }
     }
     let new_pass = i64::from(checkpoint.is_none());
@@ -411,18 +413,6 @@ fn reencrypt(
         ))));
     }
     Ok(Done::Count(applied))
-}
-
-/// Writes the batch's per-key token count changes, one statement per key.
-pub fn apply_token_deltas(tx: &Connection, deltas: &HashMap<u32, i64>) -> rusqlite::Result<()> {
-    let mut st =
-        tx.prepare_cached("UPDATE deks SET token_count = token_count + ?2 WHERE id = ?1")?;
-    for (id, d) in deltas {
-        if *d != 0 {
-            st.execute(params![id, d])?;
-        }
-    }
-    Ok(())
 }
 
 pub fn append_audit(

@@ -102,6 +102,12 @@ const MIGRATIONS: &[&str] = &[
     BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
     CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
     BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;",
+    // v4: the per-key token count is gone. Keeping it exact cost an UPDATE
+    // of the deks page in every commit (measured: the largest single cost
+    // on the tokenize path); the rare questions it answered (may this key
+    // be destroyed, how many tokens does a job have to move) are now
+    // answered by a scan, guarded by the writer (see ops.rs `destroy_dek`).
+    "ALTER TABLE deks DROP COLUMN token_count;",
 ];
 
 /// Brings the database to the newest schema, one transaction per version.

@@ -9,6 +9,7 @@
 //! fails, since storage can no longer be trusted.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -32,7 +33,9 @@ pub enum Op {
     DeleteToken(Token, String, AuditEvent),
     Audit(AuditEvent),
     RotateDek(Box<WrappedDek>, Option<u32>, AuditEvent),
-    DestroyDek(u32, AuditEvent),
+    /// Destroy a data key that a scan, begun after commit number `.1`,
+    /// found unreferenced (see `destroy_dek` in ops.rs).
+    DestroyDek(u32, u64, AuditEvent),
     ShredTenant(String, AuditEvent),
     RewrapDeks(KekCheck, Vec<(u32, Vec<u8>)>, Option<Vec<u8>>, AuditEvent),
     InsertCheckpoint(Checkpoint),
@@ -78,6 +81,13 @@ pub struct WriterState {
     pub chain_head: [u8; 32],
     /// Destroyed data keys: nothing may be written under them again.
     pub destroyed: HashSet<u32>,
+    /// Batches committed since this process opened the store.
+    pub commits: u64,
+    /// Per data key, the number of the last commit that put a token under
+    /// it. With `commits`, it lets a destroy trust a reference scan made
+    /// outside the writer: the key stays unreferenced if nothing was put
+    /// under it after the scan's snapshot.
+    pub last_added: HashMap<u32, u64>,
 }
 
 impl WriterState {
@@ -110,6 +120,8 @@ impl WriterState {
             next_seq: u64::try_from(max).unwrap_or(0) + 1,
             chain_head,
             destroyed,
+            commits: 0,
+            last_added: HashMap::new(),
         })
     }
 }
@@ -120,9 +132,8 @@ pub struct BatchCtx<'a> {
     pub state: &'a WriterState,
     pub next_seq: u64,
     pub chain_head: [u8; 32],
-    /// Per-key change in the number of tokens under it, written once per key
-    /// per batch instead of once per token.
-    pub token_deltas: HashMap<u32, i64>,
+    /// Data keys this batch put tokens under.
+    pub added: HashSet<u32>,
     pub newly_destroyed: Vec<u32>,
     pub erased: bool,
 }
@@ -132,8 +143,10 @@ impl BatchCtx<'_> {
         self.state.destroyed.contains(&id) || self.newly_destroyed.contains(&id)
     }
 
-    pub fn pending_delta(&self, id: u32) -> i64 {
-        self.token_deltas.get(&id).copied().unwrap_or(0)
+    /// Whether a token may have been put under `id` after commit `since`
+    /// (by a committed batch or earlier in this one).
+    pub fn added_since(&self, id: u32, since: u64) -> bool {
+        self.added.contains(&id) || self.state.last_added.get(&id).is_some_and(|&c| c > since)
     }
 }
 
@@ -143,6 +156,7 @@ pub fn run(
     max_batch: usize,
     mut state: WriterState,
     cache: &TokenCache,
+    commits: &AtomicU64,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut closing = false;
@@ -166,7 +180,7 @@ pub fn run(
                     .send(Err(StoreError::Unavailable("store is closed".into())));
             }
         }
-        commit_batch(&mut conn, &mut batch, &mut state, cache);
+        commit_batch(&mut conn, &mut batch, &mut state, cache, commits);
     }
     rx.close();
     while let Ok(late) = rx.try_recv() {
@@ -226,6 +240,7 @@ fn commit_batch(
     batch: &mut Vec<Job>,
     state: &mut WriterState,
     cache: &TokenCache,
+    commits: &AtomicU64,
 ) {
     let outcome = (|| {
         let tx = conn
@@ -235,7 +250,7 @@ fn commit_batch(
             state,
             next_seq: state.next_seq,
             chain_head: state.chain_head,
-            token_deltas: HashMap::new(),
+            added: HashSet::new(),
             newly_destroyed: Vec::new(),
             erased: false,
         };
@@ -250,20 +265,24 @@ fn commit_batch(
                 Err(OpError::Fatal(e)) => return Err(e),
             }
         }
-        ops::apply_token_deltas(&tx, &ctx.token_deltas).map_err(map_err)?;
         tx.commit().map_err(map_err)?;
         Ok((
             results,
             (ctx.next_seq, ctx.chain_head),
-            ctx.newly_destroyed,
+            (ctx.newly_destroyed, ctx.added),
             ctx.erased,
         ))
     })();
     match outcome {
-        Ok((results, (next_seq, chain_head), destroyed, erased)) => {
+        Ok((results, (next_seq, chain_head), (destroyed, added), erased)) => {
             state.next_seq = next_seq;
             state.chain_head = chain_head;
             state.destroyed.extend(destroyed);
+            state.commits += 1;
+            for id in added {
+                state.last_added.insert(id, state.commits);
+            }
+            commits.store(state.commits, Ordering::Release);
             if erased {
                 truncate_wal(conn);
             }
@@ -278,5 +297,53 @@ fn commit_batch(
                 let _ = job.reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(last_added: &[(u32, u64)]) -> WriterState {
+        WriterState {
+            next_seq: 1,
+            chain_head: crate::audit::chain::GENESIS,
+            destroyed: HashSet::new(),
+            commits: 10,
+            last_added: last_added.iter().copied().collect(),
+        }
+    }
+
+    fn ctx(state: &WriterState) -> BatchCtx<'_> {
+        BatchCtx {
+            state,
+            next_seq: state.next_seq,
+            chain_head: state.chain_head,
+            added: HashSet::new(),
+            newly_destroyed: Vec::new(),
+            erased: false,
+        }
+    }
+
+    #[test]
+    fn a_destroy_sees_tokens_added_after_its_scan_began() {
+        let st = state(&[(1, 7), (2, 3)]);
+        let c = ctx(&st);
+        // Key 1 got a token in commit 7: a scan from commit 6 missed it.
+        assert!(c.added_since(1, 6));
+        // A scan from commit 7 on saw it.
+        assert!(!c.added_since(1, 7));
+        assert!(!c.added_since(2, 6));
+        // Never added under since this process started: scans are trusted.
+        assert!(!c.added_since(3, 0));
+    }
+
+    #[test]
+    fn a_destroy_sees_tokens_added_earlier_in_its_own_batch() {
+        let st = state(&[]);
+        let mut c = ctx(&st);
+        c.added.insert(4);
+        assert!(c.added_since(4, 10));
+        assert!(!c.added_since(5, 10));
     }
 }
