@@ -74,6 +74,29 @@ pub fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
     }
 }
 
+/// Creates a running re-encryption job for tenant `acme`.
+async fn start_job(s: &dyn Store, total: u64) -> Result<u64, String> {
+    let job = crate::domain::store::JobRecord {
+        id: 0,
+        tenant: "acme".into(),
+        state: crate::domain::store::JobState::Running,
+        total,
+        done: 0,
+        checkpoint: None,
+        passes: 0,
+        created_ms: 1,
+        updated_ms: 1,
+        actor: "a".into(),
+        reason: "r".into(),
+        error: None,
+    };
+    ok(
+        s.create_job(&job, event(AuditAction::ReencryptStart, None))
+            .await,
+        "job",
+    )
+}
+
 async fn audit_all(s: &dyn Store) -> Result<Vec<crate::domain::AuditRecord>, String> {
     ok(s.audit_after(0, 1_000_000).await, "audit_after")
 }
@@ -365,7 +388,7 @@ pub async fn rejected_request_fails_alone<B: Backend>(b: &B) -> CheckResult {
 /// A re-encrypted row reads back with its new key and ciphertext at once
 /// (no stale copy survives anywhere, e.g. in a read cache).
 pub async fn reencrypted_row_reads_back_new<B: Backend>(b: &B) -> CheckResult {
-    use crate::domain::store::{JobRecord, JobState, Reencrypted};
+    use crate::domain::store::Reencrypted;
     let s = b.open().await;
     ok(
         s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
@@ -379,25 +402,7 @@ pub async fn reencrypted_row_reads_back_new<B: Backend>(b: &B) -> CheckResult {
         "insert",
     )?;
     ok(s.get_token(&t).await, "warm read")?;
-    let job = JobRecord {
-        id: 0,
-        tenant: "acme".into(),
-        state: JobState::Running,
-        total: 1,
-        done: 0,
-        checkpoint: None,
-        passes: 0,
-        created_ms: 1,
-        updated_ms: 1,
-        actor: "a".into(),
-        reason: "r".into(),
-        error: None,
-    };
-    let id = ok(
-        s.create_job(&job, event(AuditAction::ReencryptStart, None))
-            .await,
-        "job",
-    )?;
+    let id = start_job(&*s, 1).await?;
     let row = Reencrypted {
         token: t,
         old_dek: 1,
@@ -458,7 +463,7 @@ pub async fn deleted_row_never_reads_back<B: Backend>(b: &B) -> CheckResult {
 
 /// Token counts per key follow inserts, re-encryption moves and deletes.
 pub async fn token_counts_follow_writes<B: Backend>(b: &B) -> CheckResult {
-    use crate::domain::store::{JobRecord, JobState, Reencrypted};
+    use crate::domain::store::Reencrypted;
     let s = b.open().await;
     ok(
         s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
@@ -483,25 +488,7 @@ pub async fn token_counts_follow_writes<B: Backend>(b: &B) -> CheckResult {
         counts.get(&1) == Some(&5),
         format!("after 5 inserts: {counts:?}"),
     )?;
-    let job = JobRecord {
-        id: 0,
-        tenant: "acme".into(),
-        state: JobState::Running,
-        total: 2,
-        done: 0,
-        checkpoint: None,
-        passes: 0,
-        created_ms: 1,
-        updated_ms: 1,
-        actor: "a".into(),
-        reason: "r".into(),
-        error: None,
-    };
-    let id = ok(
-        s.create_job(&job, event(AuditAction::ReencryptStart, None))
-            .await,
-        "job",
-    )?;
+    let id = start_job(&*s, 2).await?;
     let moved = (100..102u8)
         .map(|i| Reencrypted {
             token: token(i),
