@@ -54,13 +54,19 @@ impl Token {
             return Err(TokenError::Malformed);
         }
         let body = s.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Malformed)?;
-        let decoded = bs58::decode(body)
-            .into_vec()
+        // Decoded and re-encoded on the stack: this runs on every call.
+        let mut decoded = [0u8; MAX_WIRE_LEN];
+        let n = bs58::decode(body)
+            .onto(&mut decoded[..])
             .map_err(|_| TokenError::Malformed)?;
-        let bytes: [u8; TOKEN_LEN] = decoded.try_into().map_err(|_| TokenError::Malformed)?;
+        let bytes: [u8; TOKEN_LEN] = decoded[..n].try_into().map_err(|_| TokenError::Malformed)?;
         // Guards against any alternative spelling of the same bytes (e.g.
         // padding) that a decoder might tolerate.
-        if bs58::encode(bytes).into_string() != body {
+        let mut canonical = [0u8; MAX_WIRE_LEN];
+        let m = bs58::encode(bytes)
+            .onto(&mut canonical[..])
+            .map_err(|_| TokenError::Malformed)?;
+        if &canonical[..m] != body.as_bytes() {
             return Err(TokenError::Malformed);
         }
         Ok(Token(bytes))
