@@ -74,6 +74,18 @@ pub fn dek(id: u32, tenant: &str, version: u32) -> WrappedDek {
     }
 }
 
+/// Stores data key 1, the active key of tenant `acme`.
+async fn insert_key_1(s: &dyn Store) -> Result<(), StoreError> {
+    s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
+        .await
+}
+
+/// Stores `t` for tenant `acme` under key 1, with its audit event.
+async fn tokenize(s: &dyn Store, t: Token) -> Result<(), StoreError> {
+    s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+        .await
+}
+
 /// Creates a running re-encryption job for tenant `acme`.
 async fn start_job(s: &dyn Store, total: u64) -> Result<u64, String> {
     let job = crate::domain::store::JobRecord {
@@ -172,11 +184,7 @@ pub async fn audit_sequence_is_gapless<B: Backend>(b: &B) -> CheckResult {
 pub async fn delete_is_tenant_scoped_and_audited<B: Backend>(b: &B) -> CheckResult {
     let s = b.open().await;
     let t = token(4);
-    ok(
-        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
-            .await,
-        "insert",
-    )?;
+    ok(tokenize(&*s, t).await, "insert")?;
     let wrong = ok(
         s.delete_token(&t, "globex", event(AuditAction::DeleteToken, Some(t)))
             .await,
@@ -315,11 +323,7 @@ pub async fn concurrent_writes_all_commit<B: Backend>(b: &B) -> CheckResult {
 pub async fn acknowledged_writes_survive_reopen<B: Backend>(b: &B) -> CheckResult {
     let s = b.open().await;
     let t = token(9);
-    ok(
-        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
-            .await,
-        "insert",
-    )?;
+    ok(tokenize(&*s, t).await, "insert")?;
     ok(s.close().await, "close")?;
     let after = s.append_audit(event(AuditAction::Detokenize, None)).await;
     ensure(
@@ -390,17 +394,9 @@ pub async fn rejected_request_fails_alone<B: Backend>(b: &B) -> CheckResult {
 pub async fn reencrypted_row_reads_back_new<B: Backend>(b: &B) -> CheckResult {
     use crate::domain::store::Reencrypted;
     let s = b.open().await;
-    ok(
-        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
-            .await,
-        "dek",
-    )?;
+    ok(insert_key_1(&*s).await, "dek")?;
     let t = token(50);
-    ok(
-        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
-            .await,
-        "insert",
-    )?;
+    ok(tokenize(&*s, t).await, "insert")?;
     ok(s.get_token(&t).await, "warm read")?;
     let id = start_job(&*s, 1).await?;
     let row = Reencrypted {
@@ -424,11 +420,7 @@ pub async fn deleted_row_never_reads_back<B: Backend>(b: &B) -> CheckResult {
     let s = b.open().await;
     for i in 0..40u8 {
         let t = token(100 + i);
-        ok(
-            s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
-                .await,
-            "insert",
-        )?;
+        ok(tokenize(&*s, t).await, "insert")?;
         let readers: Vec<_> = (0..4)
             .map(|_| {
                 let s = s.clone();
@@ -465,11 +457,7 @@ pub async fn deleted_row_never_reads_back<B: Backend>(b: &B) -> CheckResult {
 pub async fn token_counts_follow_writes<B: Backend>(b: &B) -> CheckResult {
     use crate::domain::store::Reencrypted;
     let s = b.open().await;
-    ok(
-        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
-            .await,
-        "dek",
-    )?;
+    ok(insert_key_1(&*s).await, "dek")?;
     let none = ok(s.token_counts().await, "counts of an empty store")?;
     ensure(
         none.values().all(|&n| n == 0),
@@ -477,11 +465,7 @@ pub async fn token_counts_follow_writes<B: Backend>(b: &B) -> CheckResult {
     )?;
     for i in 0..5u8 {
         let t = token(100 + i);
-        ok(
-            s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
-                .await,
-            "insert",
-        )?;
+        ok(tokenize(&*s, t).await, "insert")?;
     }
     let counts = ok(s.token_counts().await, "counts")?;
     ensure(
@@ -518,17 +502,9 @@ pub async fn token_counts_follow_writes<B: Backend>(b: &B) -> CheckResult {
 /// it; a refused destroy changes nothing.
 pub async fn destroy_only_unreferenced_decrypt_only_keys<B: Backend>(b: &B) -> CheckResult {
     let s = b.open().await;
-    ok(
-        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
-            .await,
-        "dek",
-    )?;
+    ok(insert_key_1(&*s).await, "dek")?;
     let t = token(120);
-    ok(
-        s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
-            .await,
-        "insert",
-    )?;
+    ok(tokenize(&*s, t).await, "insert")?;
     let active = s.destroy_dek(1, event(AuditAction::DekDestroy, None)).await;
     ensure(
         matches!(active, Err(StoreError::Precondition(_))),

@@ -206,20 +206,15 @@ impl SqliteStore {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             common_pragmas(&c)?;
-            let sql = match dek {
-                Some(_) => "SELECT dek_id, count(*) FROM tokens WHERE dek_id = ?1 GROUP BY dek_id",
-                None => "SELECT dek_id, count(*) FROM tokens GROUP BY dek_id",
-            };
-            let mut st = c.prepare(sql)?;
-            let map = |r: &rusqlite::Row<'_>| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?));
-            let rows = match dek {
-                Some(id) => st
-                    .query_map(params![id], map)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?,
-                None => st
-                    .query_map([], map)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?,
-            };
+            let mut st = c.prepare(
+                "SELECT dek_id, count(*) FROM tokens WHERE ?1 IS NULL OR dek_id = ?1
+                 GROUP BY dek_id",
+            )?;
+            let rows = st
+                .query_map(params![dek], |r| {
+                    Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows
                 .into_iter()
                 .map(|(id, n)| (id, u64::try_from(n).unwrap_or(0)))
