@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost encoding, then the message's secret fields are wiped.
+        .codec_path("crate::codec::WipingCodec")
         .compile_fds(fds)?;
     Ok(())
 }

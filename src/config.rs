@@ -201,6 +201,10 @@ pub struct ServerOptions {
     pub reflection: bool,
     /// Seconds to wait for in-flight calls at shutdown.
     pub drain_seconds: u64,
+    /// Lock all memory (`mlockall`) so keys and card numbers never reach
+    /// swap. Needs `CAP_IPC_LOCK` or an unlimited `RLIMIT_MEMLOCK`; when set,
+    /// the vault refuses to start if the lock fails.
+    pub lock_memory: bool,
 }
 
 impl Default for ServerOptions {
@@ -208,6 +212,7 @@ impl Default for ServerOptions {
         Self {
             reflection: false,
             drain_seconds: 10,
+            lock_memory: false,
         }
     }
 }
@@ -485,7 +490,23 @@ mod tests {
         let c = Config::load(&p, &HashMap::new()).unwrap();
         assert_eq!(c.storage.path, d.path().join("vault.db"));
         assert!(!c.server.reflection);
+        assert!(!c.server.lock_memory);
         assert_eq!(c.grants().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn memory_locking_is_opt_in() {
+        let (d, p) = with_files();
+        std::fs::write(&p, format!("{BASE}\n[server]\nlock_memory = true\n")).unwrap();
+        assert!(
+            Config::load(&p, &HashMap::new())
+                .unwrap()
+                .server
+                .lock_memory
+        );
+        std::fs::write(&p, format!("{BASE}\n[server]\nlock_memory = \"yes\"\n")).unwrap();
+        assert!(Config::load(&p, &HashMap::new()).is_err());
+        drop(d);
     }
 
     #[test]

@@ -47,11 +47,13 @@
 
 pub mod audit;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod devpki;
 pub mod domain;
 pub mod fsutil;
+pub mod hardening;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

@@ -53,6 +53,8 @@ pub enum StartError {
     Tls(String),
     #[error("server: {0}")]
     Serve(String),
+    #[error("process hardening: {0}")]
+    Hardening(#[from] crate::hardening::HardeningError),
 }
 
 /// Loads the KEK from the configured source. For `file`: `VAULT_KEK`

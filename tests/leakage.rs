@@ -316,6 +316,7 @@ async fn no_card_number_in_clear_on_disk_or_in_logs() {
     let snapshot = tmp.path().join("live-snapshot");
 
     let mut vault = VaultProc::start(&data, &logs, "vault", "debug");
+    assert_no_core_dumps(vault.pid());
     let url = vault.url();
     let checkout_pki = ClientPki::from_dev_dir(&data, "acme-checkout").unwrap();
     let payments_pki = ClientPki::from_dev_dir(&data, "acme-payments").unwrap();
@@ -554,6 +555,74 @@ async fn no_card_number_in_clear_on_disk_or_in_logs() {
         "card numbers in clear:\n{}",
         findings.join("\n")
     );
+}
+
+/// A crash of the serving process must not write its memory (keys, card
+/// numbers) to a core file: its core size limit is 0, soft and hard (the
+/// process also makes itself non-dumpable; `hardening.rs` tests that).
+fn assert_no_core_dumps(pid: u32) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core size line in /proc/PID/limits");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    // "Max core file size <soft> <hard> bytes"
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}
+
+/// Core files in `dir` (the kernel here names them `core` or `core.PID`).
+fn core_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n == "core" || n.starts_with("core."))
+        .collect()
+}
+
+/// A vault that crashes writes no core dump, even when started with core
+/// dumps allowed: it lowers its own limit to 0 and makes itself
+/// non-dumpable before loading any key. A control process crashed the same
+/// way shows that this machine does write core files into the working
+/// directory; where it does not, only the limit is checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_vault_writes_no_core_dump() {
+    let tmp = tempfile::tempdir().unwrap();
+    let allow_cores = ["prlimit", "--core=unlimited:unlimited", "--"];
+
+    let control_dir = tmp.path().join("control");
+    std::fs::create_dir_all(&control_dir).unwrap();
+    let mut control = std::process::Command::new(allow_cores[0])
+        .args(&allow_cores[1..])
+        .args(["sleep", "30"])
+        .current_dir(&control_dir)
+        .spawn()
+        .expect("run prlimit (util-linux)");
+    std::thread::sleep(Duration::from_millis(200));
+    common::process::signal(&control, "ABRT");
+    control.wait().unwrap();
+    let cores_are_written = !core_files(&control_dir).is_empty();
+
+    let logs = tmp.path().join("logs");
+    let mut vault = VaultProc::start_via(
+        &allow_cores,
+        &tmp.path().join("data"),
+        &logs,
+        "crash",
+        "info",
+    );
+    assert_no_core_dumps(vault.pid());
+    vault.signal("ABRT");
+    let status = vault.wait_exit(Duration::from_secs(15)).await;
+    assert!(!status.success(), "the vault survived SIGABRT: {status}");
+    assert_eq!(
+        core_files(&logs),
+        Vec::<String>::new(),
+        "the vault dumped core"
+    );
+    if !cores_are_written {
+        eprintln!("this machine wrote no core for the control process either");
+    }
 }
 
 /// The scanner itself finds what it must, so a clean scan means something.

@@ -3,6 +3,7 @@
 use std::io::Read;
 
 use clap::Subcommand;
+use tokenvault::codec::Wipe;
 use tokenvault::proto;
 use tokenvault::proto::token_service_client::TokenServiceClient;
 use zeroize::Zeroizing;
@@ -49,6 +50,7 @@ pub async fn run(conn: &Conn, call: Call) -> Result<(), String> {
             let expiry = exp_month
                 .zip(exp_year)
                 .map(|(month, year)| proto::Expiry { month, year });
+            // The request's copy is wiped by the codec once encoded.
             let r = client
                 .tokenize(proto::TokenizeRequest {
                     pan: pan.trim().to_owned(),
@@ -63,7 +65,7 @@ pub async fn run(conn: &Conn, call: Call) -> Result<(), String> {
             }
         }
         Call::Detokenize { token, purpose } => {
-            let r = client
+            let mut r = client
                 .detokenize(proto::DetokenizeRequest { token, purpose })
                 .await
                 .map_err(status)?
@@ -72,6 +74,7 @@ pub async fn run(conn: &Conn, call: Call) -> Result<(), String> {
             if let Some(e) = r.expiry {
                 println!("expiry: {:02}/{}", e.month, e.year);
             }
+            r.wipe();
         }
         Call::Metadata { token } => {
             let r = client

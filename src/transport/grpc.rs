@@ -86,8 +86,8 @@ impl TokenService for TokenServiceImpl {
             .detokenize(&caller, &req.token, &req.purpose)
             .await;
         let out = logged("Detokenize", &caller, res)?;
-        // prost needs an owned String; after encoding it is freed without
-        // wiping (see SECURITY.md, "Memory").
+        // prost needs an owned String; the codec wipes it once encoded
+        // (`crate::codec`).
         Ok(Response::new(proto::DetokenizeResponse {
             pan: out.pan.digits().to_owned(),
             expiry: out.expiry.map(expiry),

@@ -36,11 +36,16 @@ pub fn clear_vault_env(cmd: &mut Command) -> &mut Command {
 
 /// Sends SIGTERM (a graceful stop) to `child` with `kill -TERM`.
 pub fn sigterm(child: &Child) {
+    signal(child, "TERM");
+}
+
+/// Sends `name` (a signal name for kill(1), e.g. `SEGV`) to `child`.
+pub fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{name}"), &child.id().to_string()])
         .status()
         .expect("run kill(1)");
-    assert!(status.success(), "kill -TERM failed: {status}");
+    assert!(status.success(), "kill -{name} failed: {status}");
 }
 
 /// Polls `child` every `poll` until it exits or `limit` has passed; on the
@@ -76,11 +81,33 @@ impl VaultProc {
     /// copied to `logs/<run>.stdout`, standard error goes to
     /// `logs/<run>.stderr`.
     pub fn start(data_dir: &Path, logs: &Path, run: &str, log_level: &str) -> Self {
+        Self::start_via(&[], data_dir, logs, run, log_level)
+    }
+
+    /// As `start`, with the binary run through `wrapper` (a command that
+    /// execs its arguments, e.g. `prlimit …`), with `logs` as its working
+    /// directory.
+    pub fn start_via(
+        wrapper: &[&str],
+        data_dir: &Path,
+        logs: &Path,
+        run: &str,
+        log_level: &str,
+    ) -> Self {
         std::fs::create_dir_all(logs).unwrap();
         let stderr_path = logs.join(format!("{run}.stderr"));
         let stdout_path = logs.join(format!("{run}.stdout"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
-        cmd.arg("dev")
+        let vault = env!("CARGO_BIN_EXE_vault");
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(vault),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(vault);
+                c
+            }
+        };
+        cmd.current_dir(logs)
+            .arg("dev")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])
@@ -134,6 +161,10 @@ impl VaultProc {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr.port())
     }
@@ -141,6 +172,11 @@ impl VaultProc {
     /// Everything the child has written to standard error so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends `signal` (a name for kill(1), e.g. `SEGV`).
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
     }
 
     pub fn sigkill(&mut self) {

@@ -1,0 +1,209 @@
+//! The gRPC message codec: prost encoding, then the secret fields of the
+//! message just encoded are wiped before it is freed.
+//!
+//! prost messages own their strings, and a message is dropped by tonic right
+//! after it is encoded. Without this codec the card number of a Detokenize
+//! response (server side) and of a Tokenize request, or the KEK share of an
+//! Unseal request (client side), would go back to the allocator unwiped.
+//! Every generated client and server uses this codec (`build.rs`,
+//! `codec_path`). Decoding is prost's own; the handlers wipe the secret
+//! fields of the requests they decode (`transport/grpc.rs`,
+//! `transport/keys.rs`).
+//!
+//! The HTTP/2 and TLS layers still hold the encoded bytes briefly in their
+//! own buffers (SECURITY.md, "Memory").
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic_prost::ProstDecoder;
+use zeroize::Zeroize;
+
+use crate::proto;
+
+/// Clears a message's secret fields in place. Messages without secrets keep
+/// the default, which does nothing.
+pub trait Wipe {
+    fn wipe(&mut self) {}
+}
+
+impl Wipe for proto::TokenizeRequest {
+    fn wipe(&mut self) {
+        self.pan.zeroize();
+    }
+}
+
+impl Wipe for proto::DetokenizeResponse {
+    fn wipe(&mut self) {
+        self.pan.zeroize();
+    }
+}
+
+impl Wipe for proto::UnsealRequest {
+    fn wipe(&mut self) {
+        self.share.zeroize();
+    }
+}
+
+/// Messages that carry nothing secret.
+macro_rules! nothing_to_wipe {
+    ($($t:ident),* $(,)?) => {
+        $(impl Wipe for proto::$t {})*
+    };
+}
+
+nothing_to_wipe!(
+    TokenizeResponse,
+    DetokenizeRequest,
+    GetTokenMetadataRequest,
+    GetTokenMetadataResponse,
+    DeleteTokenRequest,
+    DeleteTokenResponse,
+    GetKeyStatusRequest,
+    GetKeyStatusResponse,
+    RotateDataKeyRequest,
+    RotateDataKeyResponse,
+    RotateKekRequest,
+    PendingApproval,
+    ApproveKekRotationRequest,
+    RotateKekResponse,
+    StartReencryptionRequest,
+    GetJobRequest,
+    Job,
+    DestroyDataKeyRequest,
+    DestroyDataKeyResponse,
+    RequestTenantShredRequest,
+    ShredRequest,
+    ApproveTenantShredRequest,
+    ApproveTenantShredResponse,
+    SealRequest,
+    GetSealStatusRequest,
+    SealStatus,
+    ListEventsRequest,
+    ListEventsResponse,
+    GetLatestCheckpointRequest,
+    GetLatestCheckpointResponse,
+    ExportLogRequest,
+    ExportLine,
+    GetPublicKeyRequest,
+    GetPublicKeyResponse,
+);
+
+/// prost's codec, with the encoder wiping each message after encoding it.
+#[derive(Debug)]
+pub struct WipingCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for WipingCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for WipingCodec<T, U>
+where
+    T: Message + Wipe + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = WipingEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WipingEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::default()
+    }
+}
+
+#[derive(Debug)]
+pub struct WipingEncoder<T>(PhantomData<T>);
+
+impl<T: Message + Wipe> Encoder for WipingEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, mut item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        encode_then_wipe(&mut item, buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+/// Encodes `item` into `buf`, then wipes it, whether encoding worked or not.
+fn encode_then_wipe<T: Message + Wipe>(
+    item: &mut T,
+    buf: &mut impl prost::bytes::BufMut,
+) -> Result<(), Status> {
+    let res = item.encode(buf);
+    item.wipe();
+    // The message type is named, never its content.
+    res.map_err(|_| Status::internal("response too large to encode"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAN: &str = "4111111111111111";
+
+    #[test]
+    fn a_detokenize_response_is_wiped_once_encoded() {
+        let mut r = proto::DetokenizeResponse {
+            pan: PAN.into(),
+            expiry: None,
+        };
+        let mut buf = Vec::new();
+        encode_then_wipe(&mut r, &mut buf).unwrap();
+        assert!(r.pan.is_empty());
+        // What was encoded is the card number, not the wiped field.
+        let back = proto::DetokenizeResponse::decode(&buf[..]).unwrap();
+        assert_eq!(back.pan, PAN);
+    }
+
+    #[test]
+    fn requests_carrying_secrets_are_wiped_once_encoded() {
+        let mut t = proto::TokenizeRequest {
+            pan: PAN.into(),
+            ..Default::default()
+        };
+        encode_then_wipe(&mut t, &mut Vec::new()).unwrap();
+        assert!(t.pan.is_empty());
+
+        let mut u = proto::UnsealRequest {
+            share: "share text".into(),
+        };
+        encode_then_wipe(&mut u, &mut Vec::new()).unwrap();
+        assert!(u.share.is_empty());
+    }
+
+    #[test]
+    fn a_failed_encode_still_wipes_and_names_no_content() {
+        let mut r = proto::DetokenizeResponse {
+            pan: PAN.into(),
+            expiry: None,
+        };
+        // A buffer with room for nothing.
+        let mut space = [0u8; 0];
+        let err = encode_then_wipe(&mut r, &mut &mut space[..]).unwrap_err();
+        assert!(r.pan.is_empty());
+        assert!(!err.message().contains(PAN));
+    }
+
+    #[test]
+    fn messages_without_secrets_are_left_alone() {
+        let mut r = proto::DetokenizeRequest {
+            token: "tok_x".into(),
+            purpose: "charge".into(),
+        };
+        encode_then_wipe(&mut r, &mut Vec::new()).unwrap();
+        assert_eq!(r.token, "tok_x");
+        assert_eq!(r.purpose, "charge");
+    }
+}

@@ -1,0 +1,66 @@
+//! Process hardening, applied by `vault serve` and `vault dev` before any key
+//! is loaded: no core dumps, not dumpable, and optionally all memory locked.
+//!
+//! A crash must not write keys or card numbers to a core file, and no other
+//! process of the same user may attach a debugger or read `/proc/PID/mem`.
+//! Locking memory (`server.lock_memory`) keeps key schedules and plaintext
+//! out of swap; it needs `CAP_IPC_LOCK` or an unlimited `RLIMIT_MEMLOCK`
+//! (systemd `LimitMEMLOCK=infinity`), so it is opt-in, and once asked for it
+//! must succeed. `rustix` wraps the system calls safely, so this module
+//! needs no `unsafe`.
+
+use rustix::mm::{MlockAllFlags, mlockall};
+use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HardeningError {
+    #[error("cannot disable core dumps: {0}")]
+    CoreLimit(rustix::io::Errno),
+    #[error("cannot make the process non-dumpable: {0}")]
+    Dumpable(rustix::io::Errno),
+    #[error(
+        "cannot lock memory ({0}); grant CAP_IPC_LOCK or LimitMEMLOCK=infinity, \
+         or set server.lock_memory = false"
+    )]
+    LockMemory(rustix::io::Errno),
+}
+
+/// Hardens this process. Lowering limits and the dumpable flag is always
+/// permitted, so a failure there means something is badly wrong: the caller
+/// refuses to start.
+pub fn harden_process(lock_memory: bool) -> Result<(), HardeningError> {
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )
+    .map_err(HardeningError::CoreLimit)?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(HardeningError::Dumpable)?;
+    if lock_memory {
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE)
+            .map_err(HardeningError::LockMemory)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::process::{dumpable_behavior, getrlimit};
+
+    // Changes the test process itself: harmless for the other tests (they
+    // neither dump core nor get traced), and nextest runs each test in a
+    // process of its own anyway.
+    #[test]
+    fn a_hardened_process_dumps_no_core_and_cannot_be_attached_to() {
+        harden_process(false).unwrap();
+        let core = getrlimit(Resource::Core);
+        assert_eq!(core.current, Some(0));
+        assert_eq!(core.maximum, Some(0));
+        assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
+        // Idempotent: a second call (dev, then serve) is fine.
+        harden_process(false).unwrap();
+    }
+}
