@@ -245,7 +245,10 @@ pub fn ensure_dev_dir(root: &Path, listen: SocketAddr) -> Result<DevLayout, DevE
     if !l.ca().exists() {
         write_pki(&l)?;
     }
-    if !l.kek().exists() {
+    // A KEK is made only for a new vault. Once a database exists, its data
+    // keys are wrapped by the KEK it pinned: a fresh random one could never
+    // open them, so a missing key file is left for the start to report.
+    if !l.kek().exists() && !l.db().exists() {
         LocalKek::generate_file(&l.kek()).map_err(|e| DevError::Kek(e.to_string()))?;
     }
     if !l.config().exists() {
@@ -326,6 +329,21 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }
+    }
+
+    #[test]
+    fn no_new_kek_is_made_for_an_existing_database() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("data");
+        let listen = "127.0.0.1:7443".parse().unwrap();
+        let l = ensure_dev_dir(&root, listen).unwrap();
+        std::fs::write(l.db(), b"").unwrap();
+        std::fs::remove_file(l.kek()).unwrap();
+        ensure_dev_dir(&root, listen).unwrap();
+        assert!(
+            !l.kek().exists(),
+            "a fresh KEK was made for an existing vault"
+        );
     }
 
     #[test]
