@@ -16,22 +16,24 @@ use tokenvault::audit::signer::{parse_public_key_pem, verify_checkpoint};
 use tokenvault::audit::verify::{verify_export, verify_records};
 use tokenvault::proto::audit_service_client::AuditServiceClient;
 use tokenvault::proto::{
-    AuditEvent, DetokenizeRequest, EventKind, ExportLogRequest, GetLatestCheckpointRequest,
-    GetPublicKeyRequest, GetTokenMetadataRequest, ListEventsRequest, RotateDataKeyRequest,
-    TokenizeRequest,
+    AuditEvent, DetokenizeRequest, EventKind, ExportLogRequest, GetJobRequest, GetKeyStatusRequest,
+    GetLatestCheckpointRequest, GetPublicKeyRequest, GetSealStatusRequest, GetTokenMetadataRequest,
+    ListEventsRequest, RotateDataKeyRequest, TokenizeRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
 
 type AuditClient = AuditServiceClient<Channel>;
 
-/// The data-access actions; every other action is a key lifecycle event.
-const DATA_ACTIONS: [&str; 5] = [
+/// The data-access and read actions; every other action is a key lifecycle
+/// event.
+const DATA_ACTIONS: [&str; 6] = [
     "tokenize",
     "detokenize",
     "get_metadata",
     "delete_token",
     "audit_read",
+    "key_read",
 ];
 
 async fn audit_client(v: &TestVault, name: &str) -> AuditClient {
@@ -260,6 +262,58 @@ async fn only_auditors_read_the_log_and_every_read_is_audited() {
     )
     .await;
     assert_eq!(denied_reads.len(), others.len() * 4, "{denied_reads:#?}");
+    v.stop().await;
+}
+
+/// Reads of key state are administrative actions (PCI DSS 10.2.1.2): each
+/// is on the record with what was read and how it ended, and a refused one
+/// as denied, before the caller is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_of_key_state_are_audited_with_their_outcome() {
+    let v = TestVault::start().await;
+    let mut admin = v.keys(ADMIN).await;
+    call(admin.get_key_status(GetKeyStatusRequest {}))
+        .await
+        .unwrap();
+    call(admin.get_seal_status(GetSealStatusRequest {}))
+        .await
+        .unwrap();
+    let missing = call(admin.get_job(GetJobRequest { job_id: 999 }))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::FailedPrecondition, "{missing:?}");
+    let mut checkout = v.keys(ACME_CHECKOUT).await;
+    let refused = call(checkout.get_key_status(GetKeyStatusRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    let reads: Vec<(String, String, String)> = v
+        .audit_rows()
+        .into_iter()
+        .filter(|r| r.action == "key_read")
+        .map(|r| (r.actor, r.outcome, r.detail.unwrap_or_default()))
+        .collect();
+    assert_eq!(reads.len(), 4, "{reads:#?}");
+    let admin_id = identity(ADMIN).to_owned();
+    assert_eq!(
+        reads[0],
+        (admin_id.clone(), "success".into(), "key status".into())
+    );
+    assert_eq!(
+        reads[1],
+        (admin_id.clone(), "success".into(), "seal status".into())
+    );
+    assert_eq!(
+        (&reads[2].0, reads[2].1.as_str()),
+        (&admin_id, "failed_precondition")
+    );
+    assert!(reads[2].2.starts_with("job 999"), "{reads:#?}");
+    assert_eq!(
+        (reads[3].0.as_str(), reads[3].1.as_str()),
+        (identity(ACME_CHECKOUT), "denied")
+    );
+    drop((admin, checkout));
     v.stop().await;
 }
 

@@ -39,6 +39,9 @@ pub enum AuditAction {
     AuditKeyCreate,
     /// An auditor read the audit log (PCI DSS 10.2.1.3).
     AuditRead,
+    /// An administrator, auditor or custodian read key state: key status, a
+    /// re-encryption job, the seal status (PCI DSS 10.2.1.2).
+    KeyRead,
 }
 
 impl AuditAction {
@@ -64,10 +67,11 @@ impl AuditAction {
             Self::Seal => "seal",
             Self::AuditKeyCreate => "audit_key_create",
             Self::AuditRead => "audit_read",
+            Self::KeyRead => "key_read",
         }
     }
 
-    pub const ALL: [AuditAction; 20] = [
+    pub const ALL: [AuditAction; 21] = [
         Self::Tokenize,
         Self::Detokenize,
         Self::GetMetadata,
@@ -88,14 +92,15 @@ impl AuditAction {
         Self::Seal,
         Self::AuditKeyCreate,
         Self::AuditRead,
+        Self::KeyRead,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|a| a.as_str() == s)
     }
 
-    /// Key lifecycle events, as opposed to data access (which includes
-    /// reads of the audit log itself).
+    /// Key lifecycle events, as opposed to data access and reads (of the
+    /// audit log, of key state).
     pub fn is_key_event(self) -> bool {
         !matches!(
             self,
@@ -104,6 +109,7 @@ impl AuditAction {
                 | Self::GetMetadata
                 | Self::DeleteToken
                 | Self::AuditRead
+                | Self::KeyRead
         )
     }
 }

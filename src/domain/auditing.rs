@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::access::{Action, Caller};
-use super::audit::{AuditAction, AuditRecord, Checkpoint};
+use super::audit::{AuditAction, AuditRecord, Checkpoint, Outcome};
 use super::error::VaultError;
 use super::store::{AuditFilter, StoreError};
 use super::vault::{Vault, now_ms, storage};
@@ -109,14 +109,40 @@ impl Vault {
         }
     }
 
-    /// Records an auditor's read of the log before it is served.
-    async fn audit_read(&self, caller: &Caller, what: String) -> Result<(), VaultError> {
-        if let Err(e) = caller.authorize(Action::ReadAudit) {
-            let ev = self.key_event(caller, AuditAction::AuditRead, "");
+    /// Serves a read of key state (`read`, described by `what`) and records
+    /// it with its outcome before answering; a read `allowed` refused is
+    /// recorded as denied and never runs.
+    pub(crate) async fn audited_key_read<A, T>(
+        &self,
+        caller: &Caller,
+        allowed: Result<A, VaultError>,
+        what: String,
+        read: impl Future<Output = Result<T, VaultError>>,
+    ) -> Result<T, VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::KeyRead, "");
+        if let Err(e) = allowed {
             self.audit_error(&e, ev).await?;
             return Err(e);
         }
+        let res = read.await;
+        match &res {
+            Ok(_) => ev.detail = Some(what),
+            Err(e) => {
+                ev.outcome = Outcome::failed(e.code());
+                ev.detail = Some(format!("{what}: {e}"));
+            }
+        }
+        self.store.append_audit(ev).await.map_err(storage)?;
+        res
+    }
+
+    /// Records an auditor's read of the log before it is served.
+    async fn audit_read(&self, caller: &Caller, what: String) -> Result<(), VaultError> {
         let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
+        if let Err(e) = caller.authorize(Action::ReadAudit) {
+            self.audit_error(&e, ev).await?;
+            return Err(e);
+        }
         ev.detail = Some(what);
         self.store.append_audit(ev).await.map_err(storage)?;
         Ok(())

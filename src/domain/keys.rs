@@ -124,7 +124,12 @@ impl Vault {
     /// Status of the KEK and every data key. Works while sealed (counters
     /// then come from the store).
     pub async fn key_status(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
-        caller.authorize(Action::ReadKeys)?;
+        let allowed = caller.authorize(Action::ReadKeys);
+        self.audited_key_read(caller, allowed, "key status".into(), self.key_status_now())
+            .await
+    }
+
+    async fn key_status_now(&self) -> Result<KeyStatus, VaultError> {
         let pin = self.store.kek_check().await.map_err(storage)?;
         let ring = self.ring().ok();
         let deks = self.store.load_deks().await.map_err(storage)?;

@@ -90,7 +90,19 @@ impl Vault {
 
     /// A job's progress.
     pub async fn job(&self, caller: &Caller, id: u64) -> Result<JobRecord, VaultError> {
+        let allowed = caller.authorize(Action::ReadKeys);
+        self.audited_key_read(caller, allowed, format!("job {id}"), self.job_now(id))
+            .await
+    }
+
+    /// A job's progress again, for a watch whose first read (`job`) is on
+    /// the record: authorized, but not recorded once more per poll.
+    pub async fn job_again(&self, caller: &Caller, id: u64) -> Result<JobRecord, VaultError> {
         caller.authorize(Action::ReadKeys)?;
+        self.job_now(id).await
+    }
+
+    async fn job_now(&self, id: u64) -> Result<JobRecord, VaultError> {
         self.store
             .get_job(id)
             .await

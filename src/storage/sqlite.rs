@@ -24,7 +24,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use crate::domain::audit::{AuditEvent, AuditRecord, Checkpoint};
+use crate::domain::audit::{AuditAction, AuditEvent, AuditRecord, Checkpoint};
 use crate::domain::store::{
     AuditFilter, DekState, JobRecord, JobState, KekCheck, Reencrypted, Store, StoreError,
     StoredSigningKey, TokenRecord, WrappedDek,
@@ -500,15 +500,13 @@ impl Store for SqliteStore {
             args.push(Value::Integer(to));
         }
         if let Some(key) = filter.key_events {
-            let data = [
-                "tokenize",
-                "detokenize",
-                "get_metadata",
-                "delete_token",
-                "audit_read",
-            ]
-            .map(|a| format!("'{a}'"))
-            .join(",");
+            // The domain decides which actions are key lifecycle events.
+            let data = AuditAction::ALL
+                .iter()
+                .filter(|a| !a.is_key_event())
+                .map(|a| format!("'{}'", a.as_str()))
+                .collect::<Vec<_>>()
+                .join(",");
             sql.push_str(&format!(
                 " AND action {} ({data})",
                 if key { "NOT IN" } else { "IN" }

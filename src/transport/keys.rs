@@ -438,7 +438,7 @@ fn async_stream(
                 return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-            current = match vault.job(&caller, id).await {
+            current = match vault.job_again(&caller, id).await {
                 Ok(j) => j,
                 Err(e) => {
                     let _ = tx.send(Err(to_status(&e))).await;

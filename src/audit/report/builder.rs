@@ -448,12 +448,13 @@ impl Builder {
                 };
                 self.kek_events.push(ev);
             }
-            // Data access was handled above.
+            // Data access and reads were handled above.
             AuditAction::Tokenize
             | AuditAction::Detokenize
             | AuditAction::GetMetadata
             | AuditAction::DeleteToken
-            | AuditAction::AuditRead => {}
+            | AuditAction::AuditRead
+            | AuditAction::KeyRead => {}
         }
     }
 }
