@@ -332,7 +332,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_token(&self, rec: TokenRecord, audit: AuditEvent) -> Result<(), StoreError> {
-        self.write(Op::InsertToken(Box::new(rec), audit))
+        self.write(Op::InsertToken(Arc::new(rec), audit))
             .await
             .map(|_| ())
     }

@@ -59,12 +59,13 @@ impl TokenCache {
     pub fn fill(&self, epoch: u64, rec: TokenRecord) {
         let mut g = self.lock();
         if g.epoch == epoch {
-            Self::put_locked(&mut g, self.capacity, rec);
+            Self::put_locked(&mut g, self.capacity, Arc::new(rec));
         }
     }
 
-    /// Writer only: a row it just committed.
-    pub fn put(&self, rec: TokenRecord) {
+    /// Writer only: a row it just committed. The row is shared with the
+    /// request that carried it, so the writer neither copies nor frees it.
+    pub fn put(&self, rec: Arc<TokenRecord>) {
         let mut g = self.lock();
         Self::put_locked(&mut g, self.capacity, rec);
     }
@@ -78,12 +79,12 @@ impl TokenCache {
         }
     }
 
-    fn put_locked(g: &mut Inner, capacity: usize, rec: TokenRecord) {
+    fn put_locked(g: &mut Inner, capacity: usize, rec: Arc<TokenRecord>) {
         if capacity == 0 {
             return;
         }
         let t = rec.token;
-        if g.map.insert(t, Arc::new(rec)).is_none() {
+        if g.map.insert(t, rec).is_none() {
             g.order.push_back(t);
         }
         while g.map.len() > capacity {
@@ -128,12 +129,12 @@ mod tests {
     fn capacity_is_bounded_first_in_first_out() {
         let c = TokenCache::new(3);
         for i in 0..5 {
-            c.put(record(token(i), "acme"));
+            c.put(Arc::new(record(token(i), "acme")));
         }
         assert!(c.get(&token(0)).is_none() && c.get(&token(1)).is_none());
         assert!(c.get(&token(4)).is_some());
         let none = TokenCache::new(0);
-        none.put(record(token(1), "acme"));
+        none.put(Arc::new(record(token(1), "acme")));
         assert!(none.get(&token(1)).is_none());
     }
 }

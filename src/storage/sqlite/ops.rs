@@ -437,7 +437,7 @@ pub fn append_audit(
         e.actor,
         e.tenant,
         e.action.as_str(),
-        e.token.as_ref().map(|t| t.as_bytes().to_vec()),
+        e.token.as_ref().map(|t| &t.as_bytes()[..]),
         e.outcome.as_str(),
         e.peer,
         e.purpose,

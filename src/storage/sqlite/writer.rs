@@ -29,7 +29,8 @@ pub enum Op {
     PinKek(KekCheck, AuditEvent),
     InsertDek(WrappedDek, AuditEvent),
     Reserve(u32, u64),
-    InsertToken(Box<TokenRecord>, AuditEvent),
+    /// Shared with the token cache once committed (see `update_cache`).
+    InsertToken(std::sync::Arc<TokenRecord>, AuditEvent),
     DeleteToken(Token, String, AuditEvent),
     Audit(AuditEvent),
     RotateDek(Box<WrappedDek>, Option<u32>, AuditEvent),
@@ -202,7 +203,7 @@ fn update_cache(cache: &TokenCache, batch: &[Job], results: &[Result<Done, Store
             continue;
         }
         match &job.op {
-            Op::InsertToken(rec, _) => cache.put((**rec).clone()),
+            Op::InsertToken(rec, _) => cache.put(rec.clone()),
             Op::DeleteToken(t, _, _) => gone.push(*t),
             Op::ReencryptBatch(_, rows, _) => gone.extend(rows.iter().map(|r| r.token)),
             _ => {}
