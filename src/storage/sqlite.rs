@@ -190,8 +190,10 @@ impl SqliteStore {
             .send(Job { op, reply })
             .await
             .map_err(|_| unavailable("store is closed"))?;
-        rx.await
-            .map_err(|_| unavailable("writer stopped before committing"))?
+        let (res, _request) = rx
+            .await
+            .map_err(|_| unavailable("writer stopped before committing"))?;
+        res
     }
 
     /// Tokens per data key (only `dek`, if given), counted by a scan on a
