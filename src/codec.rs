@@ -144,7 +144,7 @@ fn encode_then_wipe<T: Message + Wipe>(
     let res = item.encode(buf);
     item.wipe();
     // The message type is named, never its content.
-    res.map_err(|_| Status::internal("response too large to encode"))
+    res.map_err(|_| Status::internal("message too large to encode"))
 }
 
 #[cfg(test)]

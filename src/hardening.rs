@@ -1,5 +1,6 @@
-//! Process hardening, applied by `vault serve` and `vault dev` before any key
-//! is loaded: no core dumps, not dumpable, and optionally all memory locked.
+//! Process hardening: every `vault` command makes itself unable to dump
+//! core or be attached to before it touches a key, a share or a card
+//! number; the server can also lock all its memory.
 //!
 //! A crash must not write keys or card numbers to a core file, and no other
 //! process of the same user may attach a debugger or read `/proc/PID/mem`.
@@ -25,10 +26,10 @@ pub enum HardeningError {
     LockMemory(rustix::io::Errno),
 }
 
-/// Hardens this process. Lowering limits and the dumpable flag is always
-/// permitted, so a failure there means something is badly wrong: the caller
-/// refuses to start.
-pub fn harden_process(lock_memory: bool) -> Result<(), HardeningError> {
+/// No core dumps, not dumpable. Lowering a limit and the dumpable flag is
+/// always permitted, so a failure means something is badly wrong: the
+/// caller stops.
+pub fn harden_process() -> Result<(), HardeningError> {
     setrlimit(
         Resource::Core,
         Rlimit {
@@ -37,12 +38,12 @@ pub fn harden_process(lock_memory: bool) -> Result<(), HardeningError> {
         },
     )
     .map_err(HardeningError::CoreLimit)?;
-    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(HardeningError::Dumpable)?;
-    if lock_memory {
-        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE)
-            .map_err(HardeningError::LockMemory)?;
-    }
-    Ok(())
+    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(HardeningError::Dumpable)
+}
+
+/// Locks every page, present and future, in memory.
+pub fn lock_memory() -> Result<(), HardeningError> {
+    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).map_err(HardeningError::LockMemory)
 }
 
 #[cfg(test)]
@@ -55,12 +56,12 @@ mod tests {
     // process of its own anyway.
     #[test]
     fn a_hardened_process_dumps_no_core_and_cannot_be_attached_to() {
-        harden_process(false).unwrap();
+        harden_process().unwrap();
         let core = getrlimit(Resource::Core);
         assert_eq!(core.current, Some(0));
         assert_eq!(core.maximum, Some(0));
         assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
-        // Idempotent: a second call (dev, then serve) is fine.
-        harden_process(false).unwrap();
+        // Idempotent.
+        harden_process().unwrap();
     }
 }

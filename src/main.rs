@@ -16,6 +16,12 @@ mod cli;
 
 fn main() -> ExitCode {
     tokenvault::telemetry::init();
+    // Every command may hold a key, a KEK share or a card number: none of
+    // them can dump core or be attached to (src/hardening.rs).
+    if let Err(e) = tokenvault::hardening::harden_process() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let args = cli::Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -625,6 +625,44 @@ async fn a_crashing_vault_writes_no_core_dump() {
     }
 }
 
+/// `server.lock_memory = true`: the vault either runs with its memory
+/// locked (so keys and card numbers cannot reach swap), or, where it may not
+/// lock (no `CAP_IPC_LOCK`, a low `RLIMIT_MEMLOCK`), refuses to start and
+/// says how to fix it. It never runs unlocked when told to lock.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vault_told_to_lock_memory_runs_locked_or_not_at_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let layout = tokenvault::devpki::ensure_dev_dir(&data, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let text = std::fs::read_to_string(layout.config()).unwrap();
+    assert!(text.contains("[server]\n"), "{text}");
+    std::fs::write(
+        layout.config(),
+        text.replace("[server]\n", "[server]\nlock_memory = true\n"),
+    )
+    .unwrap();
+
+    let logs = tmp.path().join("logs");
+    match VaultProc::try_start_via(&[], &data, &logs, "locked", "info") {
+        Ok(vault) => {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", vault.pid())).unwrap();
+            let locked_kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmLck:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("a VmLck line");
+            assert!(
+                locked_kb > 0,
+                "told to lock, runs with nothing locked:\n{status}"
+            );
+        }
+        Err(stderr) => {
+            assert!(stderr.contains("cannot lock memory"), "{stderr}");
+            assert!(stderr.contains("CAP_IPC_LOCK"), "{stderr}");
+        }
+    }
+}
+
 /// The scanner itself finds what it must, so a clean scan means something.
 #[test]
 fn scanner_finds_planted_card_numbers() {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tokenvault::config::{Config, ProcessEnv};
 use tokenvault::devpki::{DEV_CLIENTS, ensure_dev_dir};
-use tokenvault::hardening::harden_process;
+use tokenvault::hardening::lock_memory;
 use tokenvault::server::{StartError, open_configured, serve as serve_vault, shutdown_signal};
 
 pub async fn dev(data_dir: &Path, listen: SocketAddr) -> Result<(), String> {
@@ -27,8 +27,10 @@ pub async fn serve(config: &Path) -> Result<(), String> {
 /// (`listening on ADDR`, one line, for scripts and tests using port 0), and
 /// serves until SIGTERM or SIGINT.
 async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
-    // Before any key is loaded: no core dumps, no debugger, optionally no swap.
-    harden_process(cfg.server.lock_memory)?;
+    // Before any key is loaded (core dumps are already off, `main`).
+    if cfg.server.lock_memory {
+        lock_memory()?;
+    }
     tracing::info!(
         memory_locked = cfg.server.lock_memory,
         "process hardened: core dumps off, not dumpable"

@@ -94,6 +94,20 @@ impl VaultProc {
         run: &str,
         log_level: &str,
     ) -> Self {
+        Self::try_start_via(wrapper, data_dir, logs, run, log_level).unwrap_or_else(|stderr| {
+            panic!("vault exited before announcing its address; stderr:\n{stderr}")
+        })
+    }
+
+    /// As `start_via`, but a vault that exits before announcing its
+    /// address (it refused to start) gives its standard error instead.
+    pub fn try_start_via(
+        wrapper: &[&str],
+        data_dir: &Path,
+        logs: &Path,
+        run: &str,
+        log_level: &str,
+    ) -> Result<Self, String> {
         std::fs::create_dir_all(logs).unwrap();
         let stderr_path = logs.join(format!("{run}.stderr"));
         let stdout_path = logs.join(format!("{run}.stdout"));
@@ -145,18 +159,17 @@ impl VaultProc {
                     {
                         assert!(addr.ip().is_loopback(), "vault bound {addr}, not loopback");
                         proc.addr = addr;
-                        return proc;
+                        return Ok(proc);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => panic!(
                     "vault did not print `listening on ADDR` within {START_TIMEOUT:?}; stderr:\n{}",
                     proc.stderr()
                 ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "vault closed its standard output before announcing its address (status {:?}); stderr:\n{}",
-                    proc.child.try_wait(),
-                    proc.stderr()
-                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = proc.child.wait();
+                    return Err(proc.stderr());
+                }
             }
         }
     }
