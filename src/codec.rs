@@ -49,7 +49,8 @@ impl Wipe for proto::UnsealRequest {
 
 /// Messages that carry nothing secret. A new message type must be added
 /// here or get an `impl Wipe` of its own: until it is, the generated code
-/// does not compile, so nobody can add a secret field without deciding.
+/// does not compile, so no message is added without that decision. (A new
+/// secret field in a message listed here still needs its own `impl`.)
 macro_rules! nothing_to_wipe {
     ($($t:ident),* $(,)?) => {
         $(impl Wipe for proto::$t {})*
