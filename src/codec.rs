@@ -199,6 +199,57 @@ mod tests {
         assert!(!err.message().contains(PAN));
     }
 
+    /// Every field whose name says it may hold a secret is either one a
+    /// `Wipe` impl clears or was looked at and is listed as not secret: a
+    /// new `cvv`, `share` or `pan` field cannot slip in unwiped.
+    #[test]
+    fn every_secret_looking_field_is_wiped() {
+        const WIPED: [&str; 3] = [
+            "vault.v1.TokenizeRequest.pan",
+            "vault.v1.DetokenizeResponse.pan",
+            "vault.v1.UnsealRequest.share",
+        ];
+        const SECRET_WORDS: [&str; 9] = [
+            "pan",
+            "cvv",
+            "cvc",
+            "card",
+            "share",
+            "secret",
+            "password",
+            "pin",
+            "plaintext",
+        ];
+        let fds =
+            prost_types::FileDescriptorSet::decode(crate::server::FILE_DESCRIPTOR_SET).unwrap();
+        let mut found = Vec::new();
+        for file in &fds.file {
+            let package = file.package();
+            for msg in &file.message_type {
+                for field in &msg.field {
+                    let name = field.name();
+                    if name.split('_').any(|w| SECRET_WORDS.contains(&w)) {
+                        found.push(format!("{package}.{}.{name}", msg.name()));
+                    }
+                }
+            }
+        }
+        // Looked at, and not secret: a length, and paths on the vault host.
+        const NOT_SECRET: [&str; 2] = [
+            "vault.v1.CardMetadata.pan_length",
+            "vault.v1.RotateKekResponse.share_files",
+        ];
+        for f in &found {
+            assert!(
+                WIPED.contains(&f.as_str()) || NOT_SECRET.contains(&f.as_str()),
+                "{f}: wipe it (an `impl Wipe`) or list it as not secret"
+            );
+        }
+        for w in WIPED {
+            assert!(found.iter().any(|f| f == w), "{w} is gone from the API");
+        }
+    }
+
     #[test]
     fn messages_without_secrets_are_left_alone() {
         let mut r = proto::DetokenizeRequest {
