@@ -172,6 +172,31 @@ fn report(verdict: Option<&Verdict>) -> Report {
     })
 }
 
+/// A report of `entries` without a verdict, with a crypto-period of
+/// `period_ms`, generated at `at_ms`.
+fn report_at(entries: &[AuditRecord], cps: &[Checkpoint], period_ms: i64, at_ms: i64) -> Report {
+    build(&ReportInput {
+        entries,
+        checkpoints: cps,
+        verdict: None,
+        crypto_period_ms: period_ms,
+        generated_ms: at_ms,
+    })
+}
+
+/// As `report`, for other entries.
+fn report_of(entries: &[AuditRecord], cps: &[Checkpoint]) -> Report {
+    report_at(entries, cps, 90 * DAY, T0 + 120 * DAY)
+}
+
+fn flagged(r: &Report, key: u32, kind: FlagKind) -> bool {
+    r.key(key).unwrap().flags.contains(&kind)
+}
+
+fn flags_of(r: &Report, kind: FlagKind) -> Vec<&Flag> {
+    r.flags.iter().filter(|f| f.kind == kind).collect()
+}
+
 fn kinds(k: &KeyReport) -> Vec<(KeyEventKind, KeyState, u64)> {
     k.timeline
         .iter()
@@ -294,79 +319,28 @@ fn every_key_event_lands_on_the_right_key() {
 #[test]
 fn crypto_period_flag_fires_for_the_old_key_only() {
     let r = report(None);
-    let k1 = r.key(1).unwrap();
-    assert!(k1.flags.contains(&FlagKind::OutlivedCryptoPeriod));
-    assert!(
-        !r.key(3)
-            .unwrap()
-            .flags
-            .contains(&FlagKind::OutlivedCryptoPeriod)
-    );
-    assert!(
-        !r.key(2)
-            .unwrap()
-            .flags
-            .contains(&FlagKind::OutlivedCryptoPeriod)
-    );
-    let period: Vec<_> = r
-        .flags
-        .iter()
-        .filter(|f| f.kind == FlagKind::OutlivedCryptoPeriod)
-        .collect();
+    assert!(flagged(&r, 1, FlagKind::OutlivedCryptoPeriod));
+    assert!(!flagged(&r, 3, FlagKind::OutlivedCryptoPeriod));
+    assert!(!flagged(&r, 2, FlagKind::OutlivedCryptoPeriod));
+    let period = flags_of(&r, FlagKind::OutlivedCryptoPeriod);
     assert_eq!(period.len(), 1);
     assert_eq!((period[0].tenant.as_str(), period[0].key_id), ("acme", 1));
 
     // Still active and past its period: aged up to generated_ms.
     let (entries, cps) = scenario();
-    let r = build(&ReportInput {
-        entries: &entries,
-        checkpoints: &cps,
-        verdict: None,
-        crypto_period_ms: 10 * DAY,
-        generated_ms: T0 + 120 * DAY,
-    });
-    assert!(
-        r.key(3)
-            .unwrap()
-            .flags
-            .contains(&FlagKind::OutlivedCryptoPeriod)
-    );
-    let r = build(&ReportInput {
-        entries: &entries,
-        checkpoints: &cps,
-        verdict: None,
-        crypto_period_ms: 10 * DAY,
-        generated_ms: T0 + 105 * DAY,
-    });
-    assert!(
-        !r.key(3)
-            .unwrap()
-            .flags
-            .contains(&FlagKind::OutlivedCryptoPeriod)
-    );
+    let r = report_at(&entries, &cps, 10 * DAY, T0 + 120 * DAY);
+    assert!(flagged(&r, 3, FlagKind::OutlivedCryptoPeriod));
+    let r = report_at(&entries, &cps, 10 * DAY, T0 + 105 * DAY);
+    assert!(!flagged(&r, 3, FlagKind::OutlivedCryptoPeriod));
 }
 
 #[test]
 fn dual_control_flag_fires_for_a_lone_dek_destroy() {
     let r = report(None);
-    assert!(
-        r.key(1)
-            .unwrap()
-            .flags
-            .contains(&FlagKind::DestroyedWithoutDualControl)
-    );
+    assert!(flagged(&r, 1, FlagKind::DestroyedWithoutDualControl));
     // The shred had a second administrator.
-    assert!(
-        !r.key(2)
-            .unwrap()
-            .flags
-            .contains(&FlagKind::DestroyedWithoutDualControl)
-    );
-    let dc: Vec<_> = r
-        .flags
-        .iter()
-        .filter(|f| f.kind == FlagKind::DestroyedWithoutDualControl)
-        .collect();
+    assert!(!flagged(&r, 2, FlagKind::DestroyedWithoutDualControl));
+    let dc = flags_of(&r, FlagKind::DestroyedWithoutDualControl);
     assert_eq!(dc.len(), 1);
     assert_eq!((dc[0].key_id, dc[0].seq), (1, Some(10)));
 
@@ -374,19 +348,8 @@ fn dual_control_flag_fires_for_a_lone_dek_destroy() {
     for approvers in [None, Some("admin-bob")] {
         let (mut entries, cps) = scenario();
         entries[12].approvers = approvers.map(str::to_owned);
-        let r = build(&ReportInput {
-            entries: &entries,
-            checkpoints: &cps,
-            verdict: None,
-            crypto_period_ms: 90 * DAY,
-            generated_ms: T0 + 120 * DAY,
-        });
-        assert!(
-            r.key(2)
-                .unwrap()
-                .flags
-                .contains(&FlagKind::DestroyedWithoutDualControl)
-        );
+        let r = report_of(&entries, &cps);
+        assert!(flagged(&r, 2, FlagKind::DestroyedWithoutDualControl));
     }
 }
 
@@ -428,13 +391,7 @@ fn html_escapes_everything_from_the_log() {
     entries[0].actor = "\"><img src=x onerror=alert(2)>".into();
     entries[12].approvers = Some("admin-carol<b>".into());
     entries[6].tenant = Some("acme".into());
-    let r = build(&ReportInput {
-        entries: &entries,
-        checkpoints: &cps,
-        verdict: None,
-        crypto_period_ms: 90 * DAY,
-        generated_ms: T0 + 120 * DAY,
-    });
+    let r = report_of(&entries, &cps);
     let html = render_html(&r);
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(!html.contains("<script"));
@@ -496,13 +453,7 @@ fn banner_follows_the_verdict() {
 fn markdown_has_the_tables_and_escapes_cells() {
     let (mut entries, cps) = scenario();
     entries[6].reason = Some("a|b `rm -rf` <script>".into());
-    let r = build(&ReportInput {
-        entries: &entries,
-        checkpoints: &cps,
-        verdict: None,
-        crypto_period_ms: 90 * DAY,
-        generated_ms: T0 + 120 * DAY,
-    });
+    let r = report_of(&entries, &cps);
     let md = render_markdown(&r);
     assert!(md.contains("## Tenant acme"));
     assert!(md.contains("## Tenant globex"));
@@ -533,13 +484,7 @@ fn reencrypt_fail_without_tenant_goes_to_the_running_job() {
     entries[8].action = "reencrypt_fail".into();
     entries[8].tenant = None;
     entries[8].detail = Some("job=1 error=storage unavailable".into());
-    let r = build(&ReportInput {
-        entries: &entries,
-        checkpoints: &cps,
-        verdict: None,
-        crypto_period_ms: 90 * DAY,
-        generated_ms: T0 + 120 * DAY,
-    });
+    let r = report_of(&entries, &cps);
     let acme = r.tenant("acme").unwrap();
     assert_eq!(acme.events[1].action, "reencrypt_fail");
     assert!(acme.events[1].note.contains("failed: storage unavailable"));
