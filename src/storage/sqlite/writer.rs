@@ -151,7 +151,19 @@ pub struct BatchCtx<'a> {
     pub erased: bool,
 }
 
-impl BatchCtx<'_> {
+impl<'a> BatchCtx<'a> {
+    /// A batch starting from what the writer has committed so far.
+    pub fn new(state: &'a WriterState) -> Self {
+        Self {
+            state,
+            next_seq: state.next_seq,
+            chain_head: state.chain_head,
+            added: HashSet::new(),
+            newly_destroyed: Vec::new(),
+            erased: false,
+        }
+    }
+
     pub fn is_destroyed(&self, id: u32) -> bool {
         self.state.destroyed.contains(&id) || self.newly_destroyed.contains(&id)
     }
@@ -255,14 +267,7 @@ fn commit_batch(
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(map_err)?;
-        let mut ctx = BatchCtx {
-            state,
-            next_seq: state.next_seq,
-            chain_head: state.chain_head,
-            added: HashSet::new(),
-            newly_destroyed: Vec::new(),
-            erased: false,
-        };
+        let mut ctx = BatchCtx::new(state);
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter() {
             match ops::apply(&tx, &job.op, &mut ctx) {
@@ -323,21 +328,10 @@ mod tests {
         }
     }
 
-    fn ctx(state: &WriterState) -> BatchCtx<'_> {
-        BatchCtx {
-            state,
-            next_seq: state.next_seq,
-            chain_head: state.chain_head,
-            added: HashSet::new(),
-            newly_destroyed: Vec::new(),
-            erased: false,
-        }
-    }
-
     #[test]
     fn a_destroy_sees_tokens_added_after_its_scan_began() {
         let st = state(&[(1, 7), (2, 3)]);
-        let c = ctx(&st);
+        let c = BatchCtx::new(&st);
         // Key 1 got a token in commit 7: a scan from commit 6 missed it.
         assert!(c.added_since(1, 6));
         // A scan from commit 7 on saw it.
@@ -350,7 +344,7 @@ mod tests {
     #[test]
     fn a_destroy_sees_tokens_added_earlier_in_its_own_batch() {
         let st = state(&[]);
-        let mut c = ctx(&st);
+        let mut c = BatchCtx::new(&st);
         c.added.insert(4);
         assert!(c.added_since(4, 10));
         assert!(!c.added_since(5, 10));
