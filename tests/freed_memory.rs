@@ -1,4 +1,5 @@
-//! Proves that a card number does not outlive its use in freed heap memory:
+//! Proves that a card number (or a data key) does not outlive its use in
+//! freed heap memory:
 //! a test allocator looks into every block as it is freed, on every thread
 //! (tokio workers, the SQLite writer), while the real vault core tokenizes,
 //! detokenizes, refuses a bad card number, and the gRPC codec encodes a
@@ -184,4 +185,27 @@ async fn no_unwiped_copy_of_a_card_number_is_freed() {
         hits, 0,
         "{hits} freed block(s) still held the card number in clear"
     );
+}
+
+/// The AES-256 key schedule begins with the raw key: a cipher dropped without
+/// wiping it leaves the data key in freed memory. The `zeroize` features of
+/// `aes`, `ghash` and `polyval` (Cargo.toml) make the drop wipe it.
+#[test]
+fn a_dropped_cipher_leaves_no_key_bytes_in_freed_memory() {
+    let mut key = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut *key).unwrap();
+
+    // Control: an unwiped heap copy of the key is found.
+    arm(&key[..16]);
+    drop(std::hint::black_box(Box::new(*key)));
+    assert_eq!(disarm(), 1, "the scanner missed a planted key copy");
+
+    for half in [&key[..16], &key[16..]] {
+        arm(half);
+        let cipher = Box::new(tokenvault::crypto::envelope::cipher(&key));
+        std::hint::black_box(&cipher);
+        drop(cipher);
+        let hits = disarm();
+        assert_eq!(hits, 0, "a dropped cipher left key bytes in freed memory");
+    }
 }
