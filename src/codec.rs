@@ -6,9 +6,9 @@
 //! response (server side) and of a Tokenize request, or the KEK share of an
 //! Unseal request (client side), would go back to the allocator unwiped.
 //! Every generated client and server uses this codec (`build.rs`,
-//! `codec_path`). Decoding is prost's own; the handlers wipe the secret
-//! fields of the requests they decode (`transport/grpc.rs`,
-//! `transport/keys.rs`).
+//! `codec_path`). Decoding is prost's own. The three messages that carry a
+//! secret also wipe it when dropped and redact it in `Debug`, so a decoded
+//! request is wiped on every path out of its handler, cancellation included.
 //!
 //! The HTTP/2 and TLS layers still hold the encoded bytes briefly in their
 //! own buffers (SECURITY.md, "Memory").
@@ -46,6 +46,72 @@ impl Wipe for proto::UnsealRequest {
         self.share.zeroize();
     }
 }
+
+/// `Debug` for the messages that carry a secret (build.rs `skip_debug`
+/// removes prost's, which would print it): the secret and the expiry are
+/// shown only as present or absent, so a `{:?}` in a log line, an
+/// `unwrap_err()` on a response or a test failure cannot print them.
+macro_rules! redacted_debug {
+    ($t:ident { $($field:ident),* }) => {
+        impl std::fmt::Debug for proto::$t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($t))
+                    $(.field(stringify!($field), &Redacted::of(&self.$field)))*
+                    .finish()
+            }
+        }
+    };
+}
+
+/// What a redacted field shows: whether it holds anything.
+struct Redacted(bool);
+
+impl Redacted {
+    fn of<F: Present>(field: &F) -> Self {
+        Self(field.present())
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0 { "[redacted]" } else { "[empty]" })
+    }
+}
+
+trait Present {
+    fn present(&self) -> bool;
+}
+
+impl Present for String {
+    fn present(&self) -> bool {
+        !self.is_empty()
+    }
+}
+
+impl<T> Present for Option<T> {
+    fn present(&self) -> bool {
+        self.is_some()
+    }
+}
+
+/// The messages that carry a secret wipe it when dropped, wherever that
+/// happens: after encoding, on an early return, or when a call is cancelled
+/// with the message still held.
+macro_rules! wipe_on_drop {
+    ($($t:ident),*) => {
+        $(impl Drop for proto::$t {
+            fn drop(&mut self) {
+                self.wipe();
+            }
+        })*
+    };
+}
+
+wipe_on_drop!(TokenizeRequest, DetokenizeResponse, UnsealRequest);
+
+redacted_debug!(TokenizeRequest { pan, expiry });
+redacted_debug!(DetokenizeResponse { pan, expiry });
+redacted_debug!(UnsealRequest { share });
 
 /// Messages that carry nothing secret. A new message type must be added
 /// here or get an `impl Wipe` of its own: until it is, the generated code
@@ -249,6 +315,39 @@ mod tests {
         for w in WIPED {
             assert!(found.iter().any(|f| f == w), "{w} is gone from the API");
         }
+    }
+
+    #[test]
+    fn debug_of_a_message_with_a_secret_shows_no_secret() {
+        let expiry = Some(proto::Expiry {
+            month: 7,
+            year: 2031,
+        });
+        let shown = [
+            format!(
+                "{:?}",
+                proto::TokenizeRequest {
+                    pan: PAN.into(),
+                    expiry,
+                }
+            ),
+            format!(
+                "{:?}",
+                proto::DetokenizeResponse {
+                    pan: PAN.into(),
+                    expiry,
+                }
+            ),
+            format!("{:?}", proto::UnsealRequest { share: PAN.into() }),
+        ];
+        for s in &shown {
+            assert!(!s.contains(PAN) && !s.contains("2031"), "{s}");
+            assert!(s.contains("[redacted]"), "{s}");
+        }
+        assert_eq!(
+            format!("{:?}", proto::UnsealRequest::default()),
+            "UnsealRequest { share: [empty] }"
+        );
     }
 
     #[test]

@@ -65,7 +65,7 @@ async fn detokenize(c: &mut Client, token: &str) -> Result<String, tonic::Status
         purpose: "refund".into(),
     }))
     .await
-    .map(|r| r.pan)
+    .map(|mut r| std::mem::take(&mut r.pan))
 }
 
 fn ts(ms: i64) -> Timestamp {

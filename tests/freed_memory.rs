@@ -209,3 +209,26 @@ fn a_dropped_cipher_leaves_no_key_bytes_in_freed_memory() {
         assert_eq!(hits, 0, "a dropped cipher left key bytes in freed memory");
     }
 }
+
+/// A decoded request that never reaches its handler's end (a refused caller,
+/// a cancelled call) and a response dropped before it is encoded still wipe
+/// their card number: the secret-bearing messages wipe on drop (codec.rs).
+#[test]
+fn messages_with_a_card_number_wipe_it_when_dropped() {
+    let pan = random_pan();
+    let mut wire = Zeroizing::new(Vec::with_capacity(64));
+    let mut original = tokenvault::proto::TokenizeRequest::default();
+    original.pan.push_str(&pan);
+    original.encode(&mut *wire).unwrap();
+    drop(original);
+
+    arm(pan.as_bytes());
+    let decoded = tokenvault::proto::TokenizeRequest::decode(&wire[..]).unwrap();
+    assert_eq!(decoded.pan.len(), pan.len());
+    drop(decoded);
+    let mut unsent = DetokenizeResponse::default();
+    unsent.pan.push_str(&pan);
+    drop(std::hint::black_box(unsent));
+    let hits = disarm();
+    assert_eq!(hits, 0, "a dropped message left the card number in memory");
+}

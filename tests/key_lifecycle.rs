@@ -53,7 +53,7 @@ async fn detokenize(c: &mut Client, token: &str) -> Result<String, Status> {
         purpose: PURPOSE.into(),
     }))
     .await
-    .map(|r| r.pan)
+    .map(|mut r| std::mem::take(&mut r.pan))
 }
 
 fn assert_code<T: std::fmt::Debug>(res: Result<T, Status>, code: Code, what: &str) -> Status {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use zeroize::Zeroize;
 
 use super::auth::Authenticator;
 use super::status::logged;
@@ -61,13 +60,14 @@ impl TokenService for TokenServiceImpl {
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        // The decoded request is the one copy of the card number this layer
+        // owns. It wipes the number when dropped (`crate::codec`), on every
+        // path: a refused caller, an error, or a call cancelled mid-await.
         let caller = self.auth.caller(&request)?;
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         let exp = req.expiry.map(|e| (e.month, e.year));
         let res = self.vault.tokenize(&caller, &req.pan, exp).await;
-        // The decoded request is the one copy of the card number this layer
-        // owns; wipe it rather than leave it to the allocator.
-        req.pan.zeroize();
+        drop(req);
         let (token, meta) = logged("Tokenize", &caller, res)?;
         Ok(Response::new(proto::TokenizeResponse {
             token: token.to_string(),
