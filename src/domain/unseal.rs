@@ -45,6 +45,12 @@ fn open_failed(e: OpenError) -> VaultError {
             "unseal failed: the KEK does not match the one this vault is pinned to; all submitted shares were discarded".into(),
         ),
         OpenError::Storage(e) => super::vault::storage(e),
+        // A wrapped data key that the right KEK cannot open was altered or
+        // corrupted in storage: fail closed, as for tampered ciphertext.
+        e @ OpenError::DekUnwrap { .. } => {
+            tracing::error!(error = %e, "unseal failed");
+            VaultError::DataLoss
+        }
         e => {
             tracing::error!(error = %e, "unseal failed");
             VaultError::Internal
@@ -215,22 +221,33 @@ impl Vault {
         res
     }
 
-    /// Opens the key ring with `kek`, installs it, audits, and resumes any
+    /// Opens the key ring with `kek`, audits, installs it, and resumes any
     /// interrupted background jobs.
+    ///
+    /// Holds the key lifecycle lock throughout, so a data key destroyed or
+    /// shredded while the vault was sealed cannot come back in a ring read
+    /// before that change and installed after it. The unseal record is
+    /// written before the keys are installed: if it cannot be, the vault
+    /// stays sealed.
     pub(crate) async fn unseal_with(
         self: &Arc<Self>,
         caller: &Caller,
         kek: Arc<dyn Kek>,
     ) -> Result<(), VaultError> {
+        let guard = self.lifecycle.lock().await;
+        if !self.is_sealed() {
+            return Err(VaultError::FailedPrecondition("vault is not sealed".into()));
+        }
         let keys = self.open_ring(kek).await.map_err(open_failed)?;
         let kek_id = keys.0.kek().id().to_owned();
-        self.install_ring(Some(keys));
         let mut ev = self.key_event(caller, AuditAction::Unseal, "");
         ev.detail = Some(format!("kek={kek_id}"));
         self.store
             .append_audit(ev)
             .await
             .map_err(super::vault::storage)?;
+        self.install_ring(Some(keys));
+        drop(guard);
         info!(kek = %kek_id, "vault unsealed");
         self.resume_jobs();
         Ok(())
@@ -240,10 +257,15 @@ impl Vault {
     /// until it is unsealed again.
     pub async fn seal(&self, caller: &Caller, reason: &str) -> Result<SealStatus, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::Seal, "");
-        ev.reason = Some(reason.trim().to_owned());
+        // A refused reason (one holding a card number, say) is never
+        // recorded: the audit table is append-only.
+        let reason_ok = super::keys::check_reason(reason);
+        if reason_ok.is_ok() {
+            ev.reason = Some(reason.trim().to_owned());
+        }
         let res = async {
             caller.authorize(Action::ManageKeys)?;
-            super::keys::check_reason(reason)?;
+            reason_ok?;
             if self.is_sealed() {
                 return Err(VaultError::FailedPrecondition(
                     "vault is already sealed".into(),
