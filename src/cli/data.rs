@@ -32,6 +32,9 @@ pub enum Call {
     Delete { token: String },
 }
 
+/// The most `vault client tokenize` reads from standard input.
+const MAX_INPUT: usize = 256;
+
 pub async fn run(conn: &Conn, call: Call) -> Result<(), String> {
     let default = match call {
         Call::Detokenize { .. } => "acme-payments",
@@ -43,10 +46,19 @@ pub async fn run(conn: &Conn, call: Call) -> Result<(), String> {
             exp_month,
             exp_year,
         } => {
-            let mut pan = Zeroizing::new(String::new());
+            // Room reserved up front and the read bounded, so the buffer
+            // never grows and leaves an unwiped copy behind; a card number
+            // with separators and a newline fits many times over.
+            let mut pan = Zeroizing::new(String::with_capacity(MAX_INPUT + 1));
             std::io::stdin()
+                .take(MAX_INPUT as u64 + 1)
                 .read_to_string(&mut pan)
                 .map_err(|e| format!("cannot read standard input: {e}"))?;
+            if pan.len() > MAX_INPUT {
+                return Err(format!(
+                    "standard input holds more than {MAX_INPUT} bytes; give one card number"
+                ));
+            }
             let expiry = exp_month
                 .zip(exp_year)
                 .map(|(month, year)| proto::Expiry { month, year });
