@@ -271,6 +271,74 @@ async fn unmapped_identity_is_denied_everything_and_audited() {
     v.stop().await;
 }
 
+/// Authorization comes before the request is decoded: a stranger's
+/// malformed request is refused as a stranger's (PERMISSION_DENIED, on the
+/// record), not answered INVALID_ARGUMENT, which would tell an unauthorized
+/// caller how its request was read.
+#[tokio::test]
+async fn a_strangers_malformed_request_is_denied_and_audited_before_it_is_decoded() {
+    use tokenvault::proto::audit_service_client::AuditServiceClient;
+    use tokenvault::proto::key_service_client::KeyServiceClient;
+    use tokenvault::proto::{ListEventsRequest, RotateKekRequest};
+    let v = CustomVault::start().await;
+    let pki = pki_of(
+        v.ca.cert_pem().into_bytes(),
+        &v.ca.client(CUSTOM_STRANGER).unwrap(),
+    );
+    let ch = channel(&v.url(), &pki).await.unwrap();
+    let mut audit = AuditServiceClient::new(ch.clone());
+    let s = audit
+        .list_events(ListEventsRequest {
+            page_token: "not-a-number".into(),
+            kind: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "ListEvents {s:?}");
+    let mut keys = KeyServiceClient::new(ch);
+    let s = keys
+        .request_kek_rotation(RotateKekRequest {
+            reason: String::new(),
+            target: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "RequestKekRotation {s:?}");
+    // A mapped caller without the role: the same.
+    let checkout = pki_of(
+        v.ca.cert_pem().into_bytes(),
+        &v.ca.client(CUSTOM_CHECKOUT).unwrap(),
+    );
+    let mut keys = KeyServiceClient::new(channel(&v.url(), &checkout).await.unwrap());
+    let s = keys
+        .request_kek_rotation(RotateKekRequest {
+            reason: "x".into(),
+            target: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "RequestKekRotation {s:?}");
+
+    let rows = v.audit_rows();
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .filter(|r| r.actor != "system")
+        .map(|r| (r.actor.as_str(), r.action.as_str(), r.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (CUSTOM_STRANGER, "audit_read", "denied"),
+            (CUSTOM_STRANGER, "kek_rotate_request", "denied"),
+            (CUSTOM_CHECKOUT, "kek_rotate_request", "denied"),
+        ],
+        "{rows:#?}"
+    );
+    drop((audit, keys));
+    v.stop().await;
+}
+
 #[tokio::test]
 async fn identity_named_only_by_subject_cn_is_honoured() {
     let v = CustomVault::start().await;

@@ -837,7 +837,7 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
             reason: "wrong id".into(),
         }))
         .await,
-        Code::FailedPrecondition,
+        Code::NotFound,
         "approve an unknown request",
     );
     let mut auditor = v.keys(AUDITOR).await;
@@ -885,7 +885,7 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
             reason: "approve twice".into(),
         }))
         .await,
-        Code::FailedPrecondition,
+        Code::NotFound,
         "approve a finished request",
     );
 
@@ -1186,16 +1186,33 @@ async fn kek_rotation_to_a_file_rewraps_every_key_and_retires_the_old_kek() {
         Code::Unavailable,
         "tokenize while sealed",
     );
-    assert_code(
+    // An empty share from a custodian is a malformed submission, not a
+    // request to reload the KEK.
+    let s = assert_code(
         unseal(&mut custodian, "").await,
+        Code::InvalidArgument,
+        "custodian sends no share",
+    );
+    assert_eq!(s.message(), "share is empty");
+    let mut checkout_keys = v.keys(ACME_CHECKOUT).await;
+    assert_code(
+        unseal(&mut checkout_keys, "").await,
         Code::PermissionDenied,
-        "custodian reloads a file KEK",
+        "checkout asks for a reload",
+    );
+    let rows = key_audit(&v.db_path());
+    let empty = with_action(&rows, "unseal_share");
+    assert!(
+        empty.iter().any(|r| r.actor == identity(CUSTODIANS[0])
+            && r.outcome == "invalid_argument"
+            && r.detail.as_deref() == Some("share is empty")),
+        "{empty:?}"
     );
     let st = unseal(&mut admin, "").await.unwrap();
     assert!(!st.sealed, "{st:?}");
     assert_eq!(st.kek_id, old_id);
     assert_all_detokenize(&payments, &acme, PURPOSE).await;
-    drop((custodian, c));
+    drop((custodian, c, checkout_keys));
 
     let new_path = v.dir.path().join("kek-2.b64");
     let new_kek = LocalKek::generate_file(&new_path).unwrap();
@@ -1461,7 +1478,7 @@ async fn concurrent_approvals_of_one_shred_request_take_effect_once() {
     for t in tasks {
         match t.await.unwrap() {
             Ok(ids) => ok.push(ids),
-            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
+            Err(s) => assert_eq!(s.code(), Code::NotFound, "{s:?}"),
         }
     }
     let audit = key_audit(&v.db_path());
@@ -1634,4 +1651,244 @@ async fn kek_rotation_needs_a_second_administrator() {
             && r.outcome == "denied"
             && r.actor == identity(ADMIN))
     );
+}
+
+/// Free text a caller sends with a key lifecycle request (reason, tenant,
+/// KEK target, audit filter) lands in the append-only audit log only once
+/// it passes its checks: refused text, e.g. a pasted card number, is never
+/// stored, on any path, and never echoed in the answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_free_text_never_reaches_the_audit_table() {
+    use tokenvault::proto::ListEventsRequest;
+    use tokenvault::proto::audit_service_client::AuditServiceClient;
+    let v = TestVault::start().await;
+    let checkout = v.client(ACME_CHECKOUT).await;
+    tokenize_many(&checkout, 40_000_000, 2).await;
+    let mut admin = v.keys(ADMIN).await;
+    let mut admin2 = v.keys(ADMIN_2).await;
+    let card = "4111 1111 1111 1111";
+    let dotted = "4111.1111.1111.1111";
+    let bad = format!("customer card {card}");
+    let ok = "a valid reason";
+    let pending = call(admin.request_tenant_shred(RequestTenantShredRequest {
+        tenant: "acme".into(),
+        reason: "contract ended".into(),
+    }))
+    .await
+    .unwrap();
+    let kek_path = v.dir.path().join("kek-next.b64");
+    LocalKek::generate_file(&kek_path).unwrap();
+    let kek_req = call(admin.request_kek_rotation(RotateKekRequest {
+        reason: "yearly".into(),
+        target: Some(Target::FilePath(kek_path.display().to_string())),
+    }))
+    .await
+    .unwrap();
+
+    let mut answers: Vec<(&str, Result<(), Status>)> = vec![
+        (
+            "rotate: reason",
+            call(admin.rotate_data_key(RotateDataKeyRequest {
+                tenant: "acme".into(),
+                reason: bad.clone(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "rotate: tenant",
+            call(admin.rotate_data_key(RotateDataKeyRequest {
+                tenant: card.into(),
+                reason: ok.into(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        ("destroy: reason", destroy(&mut admin, 1, &bad).await),
+        (
+            "shred request: tenant",
+            call(admin.request_tenant_shred(RequestTenantShredRequest {
+                tenant: dotted.into(),
+                reason: ok.into(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "shred request: reason",
+            call(admin.request_tenant_shred(RequestTenantShredRequest {
+                tenant: "acme".into(),
+                reason: format!("card {dotted}"),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "shred approval: reason",
+            call(admin2.approve_tenant_shred(ApproveTenantShredRequest {
+                request_id: pending.request_id,
+                reason: bad.clone(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "re-encryption: tenant",
+            call(admin.start_reencryption(StartReencryptionRequest {
+                tenant: card.into(),
+                reason: ok.into(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "re-encryption: reason",
+            call(admin.start_reencryption(StartReencryptionRequest {
+                tenant: "acme".into(),
+                reason: bad.clone(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "KEK request: target",
+            call(admin.request_kek_rotation(RotateKekRequest {
+                reason: ok.into(),
+                target: Some(Target::FilePath(format!("/keys/{dotted}.b64"))),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "KEK request: reason",
+            call(admin.request_kek_rotation(RotateKekRequest {
+                reason: bad.clone(),
+                target: Some(Target::FilePath(kek_path.display().to_string())),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "KEK approval: reason",
+            call(admin2.approve_kek_rotation(ApproveKekRotationRequest {
+                request_id: kek_req.request_id,
+                reason: bad.clone(),
+            }))
+            .await
+            .map(|_| ()),
+        ),
+        ("seal: reason", seal(&mut admin, &bad).await.map(|_| ())),
+    ];
+    let mut auditor = AuditServiceClient::new(channel(&v.url(), &v.pki(AUDITOR)).await.unwrap());
+    for (what, filter) in [
+        (
+            "list: actor",
+            ListEventsRequest {
+                actor: bad.clone(),
+                ..Default::default()
+            },
+        ),
+        (
+            "list: tenant",
+            ListEventsRequest {
+                tenant: card.into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "list: outcome",
+            ListEventsRequest {
+                outcome: dotted.into(),
+                ..Default::default()
+            },
+        ),
+    ] {
+        answers.push((what, call(auditor.list_events(filter)).await.map(|_| ())));
+    }
+    for (what, res) in &answers {
+        let s = res.as_ref().expect_err(what);
+        assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
+        assert!(!s.message().contains("1111"), "{what}: {s:?}");
+    }
+
+    // Nothing was changed, and nothing of the refused text was stored.
+    assert!(!seal_status(&mut admin).await.sealed);
+    for needle in ["1111 1111", "1111.1111", "4111111111111111"] {
+        let found = on_disk(&v.db_path(), needle.as_bytes());
+        assert!(found.is_empty(), "{needle:?} stored in {found:?}");
+    }
+    let rows = key_audit(&v.db_path());
+    let refused: Vec<_> = rows
+        .iter()
+        .filter(|r| r.outcome == "invalid_argument")
+        .collect();
+    assert_eq!(refused.len(), answers.len(), "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.action == "dek_rotate" && r.reason.as_deref() == Some("(rejected)")),
+        "{refused:#?}"
+    );
+    // The requests refused for a bad approval reason are still pending.
+    call(admin2.approve_tenant_shred(ApproveTenantShredRequest {
+        request_id: pending.request_id,
+        reason: "second admin approves".into(),
+    }))
+    .await
+    .unwrap();
+    drop((checkout, admin, admin2, auditor));
+    v.stop().await;
+}
+
+/// A sealed vault answers every data call UNAVAILABLE, metadata reads and
+/// deletions included, and audits each refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_and_delete_answer_unavailable_while_sealed() {
+    use tokenvault::proto::{DeleteTokenRequest, GetTokenMetadataRequest};
+    let v = TestVault::start().await;
+    let mut checkout = v.client(ACME_CHECKOUT).await;
+    let token = tokenize(&mut checkout, &visa_pan(41_000_000, 0))
+        .await
+        .unwrap();
+    let mut admin = v.keys(ADMIN).await;
+    assert!(seal(&mut admin, "maintenance").await.unwrap().sealed);
+
+    let s = assert_code(
+        call(checkout.get_token_metadata(GetTokenMetadataRequest {
+            token: token.clone(),
+        }))
+        .await,
+        Code::Unavailable,
+        "metadata while sealed",
+    );
+    assert_eq!(s.message(), "vault is sealed");
+    assert_code(
+        call(checkout.delete_token(DeleteTokenRequest {
+            token: token.clone(),
+        }))
+        .await,
+        Code::Unavailable,
+        "delete while sealed",
+    );
+    let refused: Vec<(String, String)> = v
+        .audit_rows()
+        .into_iter()
+        .filter(|r| r.action == "get_metadata" || r.action == "delete_token")
+        .map(|r| (r.action, r.outcome))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("get_metadata".to_owned(), "sealed".to_owned()),
+            ("delete_token".to_owned(), "sealed".to_owned())
+        ]
+    );
+
+    // The refused delete deleted nothing.
+    assert!(!unseal(&mut admin, "").await.unwrap().sealed);
+    call(checkout.get_token_metadata(GetTokenMetadataRequest { token }))
+        .await
+        .unwrap();
+    drop((checkout, admin));
+    v.stop().await;
 }

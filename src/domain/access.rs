@@ -10,8 +10,15 @@ use super::error::VaultError;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TenantId(String);
 
+/// A string that is not a tenant name. Deliberately says nothing of the
+/// input: it is caller text, which may hold anything (a card number too), and
+/// this message goes back to callers and into audit records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a tenant must be 1-64 characters of a-z, 0-9, '_' or '-'")]
+pub struct BadTenantId;
+
 impl TenantId {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, BadTenantId> {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.bytes()
@@ -19,9 +26,7 @@ impl TenantId {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(format!(
-                "tenant {s:?} must be 1-64 characters of a-z, 0-9, '_' or '-'"
-            ))
+            Err(BadTenantId)
         }
     }
 
@@ -221,6 +226,12 @@ impl Caller {
 
     /// Whether the caller's grant reaches `tenant`.
     pub fn reaches(&self, tenant: &TenantId) -> bool {
+        self.reaches_name(tenant.as_str())
+    }
+
+    /// Whether the caller's grant reaches the tenant named `tenant` (as
+    /// stored with a key, job or token).
+    pub fn reaches_name(&self, tenant: &str) -> bool {
         match &self.grant {
             Some(Grant {
                 scope: TenantScope::All,
@@ -229,9 +240,39 @@ impl Caller {
             Some(Grant {
                 scope: TenantScope::One(t),
                 ..
-            }) => t == tenant,
+            }) => t.as_str() == tenant,
             None => false,
         }
+    }
+
+    /// Authorizes `action` on the tenant the request names, and returns that
+    /// tenant parsed. A caller whose grant is for one tenant is refused any
+    /// other name before it is parsed, so a malformed or unknown name gets
+    /// exactly the answer another tenant's does: existence never leaks.
+    pub fn authorize_tenant(&self, action: Action, tenant: &str) -> Result<TenantId, VaultError> {
+        match &self.authorize(action)?.scope {
+            TenantScope::One(t) if t.as_str() == tenant => Ok(t.clone()),
+            TenantScope::One(_) => Err(VaultError::PermissionDenied(
+                "caller's grant does not reach this tenant".into(),
+            )),
+            TenantScope::All => {
+                TenantId::parse(tenant).map_err(|e| VaultError::InvalidArgument(e.to_string()))
+            }
+        }
+    }
+
+    /// Authorizes `action` where it affects or reveals every tenant at once
+    /// (the KEK, sealing, a full export of the audit log): a grant for one
+    /// tenant is not enough.
+    pub fn authorize_all(&self, action: Action) -> Result<&Grant, VaultError> {
+        let grant = self.authorize(action)?;
+        if grant.scope != TenantScope::All {
+            return Err(VaultError::PermissionDenied(format!(
+                "caller's grant is for one tenant; to {} across every tenant needs tenant = \"*\"",
+                action.describe()
+            )));
+        }
+        Ok(grant)
     }
 }
 
@@ -326,5 +367,71 @@ mod tests {
         for bad in ["", "Acme", "a b", "a/b", &"x".repeat(65)] {
             assert!(TenantId::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_rejected_tenant_name_is_not_echoed() {
+        // Built at run time: no card-number literal in src/.
+        let input = format!("tenant 4{}", "1".repeat(15));
+        let e = TenantId::parse(&input).unwrap_err().to_string();
+        assert!(!e.contains("1111"), "{e}");
+        assert!(!e.contains(&input), "{e}");
+        assert_eq!(e, TenantId::parse("Acme").unwrap_err().to_string());
+    }
+
+    #[test]
+    fn a_scoped_grant_is_refused_other_tenants_before_parsing() {
+        let acme = TenantId::parse("acme").unwrap();
+        let admin = caller(&[Role::Admin], TenantScope::One(acme.clone()));
+        assert_eq!(
+            admin.authorize_tenant(Action::ManageKeys, "acme").unwrap(),
+            acme
+        );
+        // Another tenant, an unknown one and a malformed name: one answer.
+        let refusals: Vec<_> = ["globex", "nobody", "Not A Tenant"]
+            .iter()
+            .map(|t| admin.authorize_tenant(Action::ManageKeys, t).unwrap_err())
+            .collect();
+        assert!(matches!(refusals[0], VaultError::PermissionDenied(_)));
+        assert!(refusals.iter().all(|e| *e == refusals[0]), "{refusals:?}");
+        // The role is checked first.
+        let auditor = caller(&[Role::Audit], TenantScope::One(acme));
+        assert!(matches!(
+            auditor.authorize_tenant(Action::ManageKeys, "acme"),
+            Err(VaultError::PermissionDenied(_))
+        ));
+        let global = caller(&[Role::Admin], TenantScope::All);
+        assert!(
+            global
+                .authorize_tenant(Action::ManageKeys, "globex")
+                .is_ok()
+        );
+        assert!(matches!(
+            global.authorize_tenant(Action::ManageKeys, "Not A Tenant"),
+            Err(VaultError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn vault_wide_actions_need_a_grant_for_every_tenant() {
+        let scoped = caller(
+            &[Role::Admin, Role::Audit],
+            TenantScope::One(TenantId::parse("acme").unwrap()),
+        );
+        assert!(scoped.authorize(Action::ManageKeys).is_ok());
+        assert!(matches!(
+            scoped.authorize_all(Action::ManageKeys),
+            Err(VaultError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            scoped.authorize_all(Action::ReadAudit),
+            Err(VaultError::PermissionDenied(_))
+        ));
+        let global = caller(&[Role::Admin], TenantScope::All);
+        assert!(global.authorize_all(Action::ManageKeys).is_ok());
+        assert!(matches!(
+            global.authorize_all(Action::ReadAudit),
+            Err(VaultError::PermissionDenied(_))
+        ));
     }
 }

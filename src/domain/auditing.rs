@@ -1,16 +1,19 @@
 //! The audit log as a product: signed checkpoints of the chain head
 //! (periodically, and at shutdown), and the auditor's reads — filtered
 //! listing, the latest checkpoint, export, the public key. Only the `audit`
-//! role reads the log, and every read is itself audited (PCI DSS 10.2.1.3),
-//! durably, before anything is returned.
+//! role reads the log; an auditor scoped to one tenant lists that tenant's
+//! records only, and may not export the whole log. Every read is itself
+//! audited with its real outcome (PCI DSS 10.2.1.3), durably, before
+//! anything is returned.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::access::{Action, Caller};
+use super::access::{Action, Caller, TenantId, TenantScope};
 use super::audit::{AuditAction, AuditRecord, Checkpoint, Outcome};
+use super::data::contains_card_like_digits;
 use super::error::VaultError;
 use super::store::{AuditFilter, StoreError};
 use super::vault::{Vault, now_ms, storage};
@@ -18,6 +21,85 @@ use crate::audit::signer::{key_id, public_key_pem};
 
 /// Most records one list or export page returns.
 pub const MAX_PAGE: usize = 1000;
+/// Longest actor or outcome a filter may name: identities are URIs, outcomes
+/// short codes.
+const FILTER_TEXT_MAX: usize = 512;
+
+/// One page of the audit log an auditor asks for, as the transport decoded
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub filter: AuditFilter,
+    /// Records after this sequence number.
+    pub after: u64,
+    pub limit: usize,
+}
+
+/// A filter's free text (actor, outcome) is caller input that ends up in
+/// the read's own audit record: bounded, printable, no card number.
+fn check_filter_text(what: &str, s: &Option<String>) -> Result<(), VaultError> {
+    let Some(s) = s else { return Ok(()) };
+    if s.chars().count() > FILTER_TEXT_MAX
+        || s.chars().any(char::is_control)
+        || contains_card_like_digits(s)
+    {
+        return Err(VaultError::InvalidArgument(format!(
+            "filter {what} must be at most {FILTER_TEXT_MAX} printable characters and hold no card number"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a filter and confines it to what `scope` may see: a tenant-scoped
+/// auditor lists its own tenant's records (none without a tenant: system
+/// and KEK events concern every tenant), and asking for another tenant is
+/// refused whether or not that tenant exists.
+fn scoped_filter(mut filter: AuditFilter, scope: &TenantScope) -> Result<AuditFilter, VaultError> {
+    match scope {
+        TenantScope::One(own) => match &filter.tenant {
+            Some(t) if t != own.as_str() => {
+                return Err(VaultError::PermissionDenied(
+                    "caller's grant does not reach this tenant".into(),
+                ));
+            }
+            _ => filter.tenant = Some(own.as_str().to_owned()),
+        },
+        TenantScope::All => {
+            if let Some(t) = &filter.tenant {
+                TenantId::parse(t).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
+            }
+        }
+    }
+    check_filter_text("actor", &filter.actor)?;
+    check_filter_text("outcome", &filter.outcome)?;
+    Ok(filter)
+}
+
+/// The filter as its read's audit record describes it: checked fields only.
+fn describe(q: &AuditQuery) -> String {
+    let f = &q.filter;
+    let mut d = format!("list after={} limit={}", q.after, q.limit);
+    let fields = [
+        ("tenant", f.tenant.as_deref()),
+        ("actor", f.actor.as_deref()),
+        ("outcome", f.outcome.as_deref()),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            d.push_str(&format!(" {k}={v}"));
+        }
+    }
+    if let Some(k) = f.key_events {
+        d.push_str(if k { " kind=key" } else { " kind=data" });
+    }
+    if let Some(t) = f.from_ms {
+        d.push_str(&format!(" from_ms={t}"));
+    }
+    if let Some(t) = f.to_ms {
+        d.push_str(&format!(" to_ms={t}"));
+    }
+    d
+}
 
 /// When to sign a checkpoint.
 #[derive(Debug, Clone, Copy)]
@@ -136,44 +218,87 @@ impl Vault {
         res
     }
 
-    /// Records an auditor's read of the log before it is served.
-    async fn audit_read(&self, caller: &Caller, what: String) -> Result<(), VaultError> {
+    /// Serves an auditor's read of the log (`read`, described by `what`)
+    /// and records it with its real outcome before answering; a read
+    /// `allowed` refused is recorded as denied and never runs. If the record
+    /// cannot be written, the caller gets that error, not the data.
+    async fn audited_log_read<T>(
+        &self,
+        caller: &Caller,
+        allowed: Result<(), VaultError>,
+        what: &str,
+        read: impl Future<Output = Result<T, VaultError>>,
+    ) -> Result<T, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
-        if let Err(e) = caller.authorize(Action::ReadAudit) {
+        if let Err(e) = allowed {
             self.audit_error(&e, ev).await?;
             return Err(e);
         }
-        ev.detail = Some(what);
+        let res = read.await;
+        match &res {
+            Ok(_) => ev.detail = Some(what.to_owned()),
+            Err(e) => {
+                ev.outcome = Outcome::failed(e.code());
+                ev.detail = Some(format!("{what}: {}", e.audit_detail()));
+            }
+        }
         self.store.append_audit(ev).await.map_err(storage)?;
-        Ok(())
+        res
     }
 
-    /// Audit records matching `filter` after `after`, at most `limit`.
+    /// One page of audit records, as `query` decodes it: only once the
+    /// caller is known to be an auditor, so a stranger's malformed request
+    /// is refused as a stranger's. A tenant-scoped auditor sees its own
+    /// tenant's records only.
     pub async fn list_audit(
         &self,
         caller: &Caller,
-        filter: &AuditFilter,
-        after: u64,
-        limit: usize,
+        query: impl FnOnce() -> Result<AuditQuery, VaultError>,
     ) -> Result<Vec<AuditRecord>, VaultError> {
-        self.audit_read(caller, format!("list after={after} filter={filter:?}"))
-            .await?;
-        self.store
-            .query_audit(filter, after, limit.clamp(1, MAX_PAGE))
+        let checked = caller.authorize(Action::ReadAudit).and_then(|grant| {
+            let q = query()?;
+            Ok(AuditQuery {
+                filter: scoped_filter(q.filter, &grant.scope)?,
+                limit: q.limit.clamp(1, MAX_PAGE),
+                ..q
+            })
+        });
+        let q = match checked {
+            Ok(q) => q,
+            Err(e) => {
+                // Denied, or invalid: on the record either way.
+                let ev = self.key_event(caller, AuditAction::AuditRead, "");
+                self.audit_error(&e, ev).await?;
+                return Err(e);
+            }
+        };
+        let read = async {
+            self.store
+                .query_audit(&q.filter, q.after, q.limit)
+                .await
+                .map_err(storage)
+        };
+        self.audited_log_read(caller, Ok(()), &describe(&q), read)
             .await
-            .map_err(storage)
     }
 
     pub async fn latest_checkpoint(
         &self,
         caller: &Caller,
     ) -> Result<Option<Checkpoint>, VaultError> {
-        self.audit_read(caller, "latest checkpoint".into()).await?;
-        self.store.latest_checkpoint().await.map_err(storage)
+        let allowed = caller.authorize(Action::ReadAudit).map(|_| ());
+        let read = async { self.store.latest_checkpoint().await.map_err(storage) };
+        self.audited_log_read(caller, allowed, "latest checkpoint", read)
+            .await
     }
 
     pub async fn audit_public_key(&self, caller: &Caller) -> Result<PublicKey, VaultError> {
-        self.audit_read(caller, "public key".into()).await?;
+        let allowed = caller.authorize(Action::ReadAudit).map(|_| ());
+        self.audited_log_read(caller, allowed, "public key", self.public_key_now())
+            .await
+    }
+
+    async fn public_key_now(&self) -> Result<PublicKey, VaultError> {
         let stored = self
             .store
             .signing_key()
@@ -194,15 +319,25 @@ impl Vault {
         })
     }
 
-    /// Starts an export: audits it once, then signs a checkpoint of the
-    /// head (which includes that audit record), so the export is covered to
-    /// its end; pages follow from [`Vault::export_page`].
+    /// Starts an export of the whole log, which reveals every tenant, so
+    /// only an auditor of every tenant may. Unlike the other reads it is
+    /// recorded before it runs: the export must hold its own record, under a
+    /// checkpoint of the head signed now, to be covered to its end. A failed
+    /// checkpoint, or a failed page later, is recorded as well.
     pub async fn begin_export(&self, caller: &Caller, after: u64) -> Result<(), VaultError> {
-        self.audit_read(caller, format!("export after={after}"))
-            .await?;
+        let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
+        if let Err(e) = caller.authorize_all(Action::ReadAudit) {
+            self.audit_error(&e, ev).await?;
+            return Err(e);
+        }
+        ev.detail = Some(format!("export after={after}"));
+        self.store.append_audit(ev).await.map_err(storage)?;
         match self.checkpoint_now().await {
             Ok(_) | Err(VaultError::Sealed) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => {
+                self.export_failed(caller, after, &e).await?;
+                Err(e)
+            }
         }
     }
 
@@ -213,10 +348,163 @@ impl Vault {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<AuditRecord>, Vec<Checkpoint>), VaultError> {
-        caller.authorize(Action::ReadAudit)?;
-        self.store
+        caller.authorize_all(Action::ReadAudit)?;
+        let res = self
+            .store
             .export_page(after, limit.clamp(1, MAX_PAGE))
             .await
-            .map_err(storage)
+            .map_err(storage);
+        if let Err(e) = &res {
+            self.export_failed(caller, after, e).await?;
+        }
+        res
+    }
+
+    /// Records that an export begun (and recorded) did not complete.
+    async fn export_failed(
+        &self,
+        caller: &Caller,
+        after: u64,
+        e: &VaultError,
+    ) -> Result<(), VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
+        ev.outcome = Outcome::failed(e.code());
+        ev.detail = Some(format!("export after={after}: {}", e.audit_detail()));
+        self.store.append_audit(ev).await.map_err(storage)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::kek::{KeyBytes, LocalKek};
+    use crate::domain::access::{Grant, Role, RoleSet};
+    use crate::domain::vault::VaultSettings;
+    use crate::storage::sqlite::{SqliteOptions, SqliteStore};
+
+    async fn vault() -> (tempfile::TempDir, Vault) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).unwrap();
+        let kek = Arc::new(LocalKek::from_key(&KeyBytes::generate().unwrap()));
+        let v = Vault::open(Arc::new(store), kek, VaultSettings::default())
+            .await
+            .unwrap();
+        (dir, v)
+    }
+
+    fn auditor(scope: TenantScope) -> Caller {
+        Caller {
+            identity: "spiffe://test/auditor".into(),
+            peer: None,
+            grant: Some(Grant {
+                scope,
+                roles: RoleSet::new([Role::Audit]),
+            }),
+        }
+    }
+
+    fn page(filter: AuditFilter) -> impl FnOnce() -> Result<AuditQuery, VaultError> {
+        move || {
+            Ok(AuditQuery {
+                filter,
+                after: 0,
+                limit: MAX_PAGE,
+            })
+        }
+    }
+
+    async fn last_record(v: &Vault) -> AuditRecord {
+        let all = v.store().audit_after(0, 10_000).await.unwrap();
+        all.last().cloned().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_is_recorded_after_it_runs_with_its_real_outcome() {
+        let (_dir, v) = vault().await;
+        let a = auditor(TenantScope::All);
+        let before = v.store().audit_head().await.unwrap().0;
+        let rows = v
+            .list_audit(&a, page(AuditFilter::default()))
+            .await
+            .unwrap();
+        // The list did not contain its own record: it was written after.
+        assert_eq!(rows.last().map(|r| r.seq), Some(before));
+        let rec = last_record(&v).await;
+        assert_eq!(
+            (rec.action.as_str(), rec.outcome.as_str()),
+            ("audit_read", "success")
+        );
+        assert!(
+            rec.detail.as_deref().unwrap().starts_with("list"),
+            "{rec:?}"
+        );
+
+        // A refused filter is on the record as what it was, without the
+        // refused text.
+        let card = format!("4{}", "1".repeat(15));
+        for filter in [
+            AuditFilter {
+                tenant: Some(format!("tenant {card}")),
+                ..AuditFilter::default()
+            },
+            AuditFilter {
+                actor: Some(format!("actor {card}")),
+                ..AuditFilter::default()
+            },
+            AuditFilter {
+                outcome: Some(card.clone()),
+                ..AuditFilter::default()
+            },
+        ] {
+            let e = v.list_audit(&a, page(filter)).await.unwrap_err();
+            assert!(matches!(e, VaultError::InvalidArgument(_)), "{e:?}");
+            assert!(!e.to_string().contains("1111"), "{e}");
+            let rec = last_record(&v).await;
+            assert_eq!(rec.outcome, "invalid_argument", "{rec:?}");
+            assert!(!format!("{rec:?}").contains("1111"), "{rec:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_whose_record_cannot_be_written_returns_no_data() {
+        let (_dir, v) = vault().await;
+        let a = auditor(TenantScope::All);
+        v.store().close().await.unwrap();
+        // Reads still work; only the record of the read cannot be written.
+        assert!(v.store().audit_after(0, 10).await.is_ok());
+        let list = v.list_audit(&a, page(AuditFilter::default())).await;
+        assert!(matches!(list, Err(VaultError::Unavailable(_))), "{list:?}");
+        let cp = v.latest_checkpoint(&a).await;
+        assert!(matches!(cp, Err(VaultError::Unavailable(_))), "{cp:?}");
+        let pk = v.audit_public_key(&a).await;
+        assert!(matches!(pk, Err(VaultError::Unavailable(_))), "{pk:?}");
+    }
+
+    #[test]
+    fn a_scoped_auditor_is_confined_to_its_tenant() {
+        let acme = TenantScope::One(TenantId::parse("acme").unwrap());
+        let f = scoped_filter(AuditFilter::default(), &acme).unwrap();
+        assert_eq!(f.tenant.as_deref(), Some("acme"));
+        let own = AuditFilter {
+            tenant: Some("acme".into()),
+            ..AuditFilter::default()
+        };
+        assert_eq!(
+            scoped_filter(own, &acme).unwrap().tenant.as_deref(),
+            Some("acme")
+        );
+        for other in ["globex", "nobody", "Not A Tenant"] {
+            let f = AuditFilter {
+                tenant: Some(other.into()),
+                ..AuditFilter::default()
+            };
+            assert!(matches!(
+                scoped_filter(f, &acme),
+                Err(VaultError::PermissionDenied(_))
+            ));
+        }
+        let all = scoped_filter(AuditFilter::default(), &TenantScope::All).unwrap();
+        assert_eq!(all.tenant, None);
     }
 }

@@ -231,6 +231,8 @@ impl Vault {
         let parsed = Token::parse(token).ok();
         let res = async {
             caller.authorize(Action::GetMetadata)?;
+            // Sealed means no data call is served, metadata included.
+            self.ring()?;
             let token = parse_token(token)?;
             let rec = self.find(caller, &token).await?;
             let audit = self.event(
@@ -269,6 +271,8 @@ impl Vault {
         audited: &mut bool,
     ) -> Result<(), VaultError> {
         caller.authorize(Action::DeleteToken)?;
+        // Sealed means no data call is served, deletion included.
+        self.ring()?;
         let token = parse_token(token)?;
         let rec = self.find(caller, &token).await?;
         let audit = self.event(
@@ -345,22 +349,27 @@ pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
 }
 
 /// True if `s` holds a card-number-like sequence: digit groups joined by
-/// spaces or hyphens, any consecutive span of which has 12–19 digits in all
-/// and passes Luhn ("refund 2 4111 1111 1111 1111" is caught by its last
-/// four groups, not hidden by the stray 2), or a single group of 20 or more
-/// digits.
+/// separators (ASCII punctuation or whitespace: `4111.1111…`, `…/…`,
+/// `…_…` as well as spaces and hyphens), any consecutive span of which has
+/// 12–19 digits in all and passes Luhn ("refund 2 4111 1111 1111 1111" is
+/// caught by its last four groups, not hidden by the stray 2), or a single
+/// group of 20 or more digits. A letter or any non-ASCII character ends a
+/// run.
 pub(crate) fn contains_card_like_digits(s: &str) -> bool {
-    // Digits of the current run, and where each group in it ends.
-    let mut digits: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::new());
+    // Digits of the current run, and where each group in it ends. The
+    // buffer is sized for the whole input up front: growing it would move
+    // the digits and free the old block unwiped.
+    let mut digits: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::with_capacity(s.len()));
     let mut ends: Vec<usize> = Vec::new();
     let mut in_group = false;
-    for b in s.bytes().chain(std::iter::once(b'.')) {
+    // A trailing letter closes the last run.
+    for b in s.bytes().chain(std::iter::once(b'x')) {
         match b {
             b'0'..=b'9' => {
                 digits.push(b);
                 in_group = true;
             }
-            b' ' | b'-' if !digits.is_empty() => {
+            b if (b.is_ascii_punctuation() || b.is_ascii_whitespace()) && !digits.is_empty() => {
                 if in_group {
                     ends.push(digits.len());
                     in_group = false;
@@ -433,6 +442,46 @@ mod tests {
         }
         assert!(check_purpose("orders 12 and 34, ticket 5678").is_ok());
         assert!(check_purpose("order 123456789012345678901").is_err());
+    }
+
+    /// `body` completed with the digit that makes it pass Luhn: a stand-in
+    /// card number made at run time, so no card-number literal is in src/.
+    fn luhn_completed(body: &str) -> String {
+        (0..=9)
+            .map(|d| format!("{body}{d}"))
+            .find(|c| luhn_valid(c.as_bytes()))
+            .unwrap()
+    }
+
+    /// The digits of `card` in groups of four joined by `sep`.
+    fn grouped(card: &str, sep: &str) -> String {
+        card.as_bytes()
+            .chunks(4)
+            .map(|g| std::str::from_utf8(g).unwrap())
+            .collect::<Vec<_>>()
+            .join(sep)
+    }
+
+    #[test]
+    fn card_numbers_are_found_whatever_punctuation_separates_their_groups() {
+        for card in [
+            luhn_completed(&format!("4{}", "1".repeat(14))),
+            luhn_completed(&format!("5{}", "5".repeat(14))),
+            luhn_completed(&format!("37{}", "8".repeat(12))),
+        ] {
+            assert!(contains_card_like_digits(&card), "{card}");
+            for sep in [
+                " ", "-", ".", "/", "_", ",", ":", ";", "|", "\\", "+", "*", "#", "~", "'", "\"",
+                "(", ")", "\t", " - ", "..", " / ",
+            ] {
+                let text = format!("refund {} now", grouped(&card, sep));
+                assert!(contains_card_like_digits(&text), "{text:?}");
+                assert!(check_purpose(&text.replace('\t', " ")).is_err(), "{text:?}");
+            }
+        }
+        // Letters still end a run, so ordinary numbered text passes.
+        assert!(!contains_card_like_digits("orders 12 and 34, ticket 5678"));
+        assert!(!contains_card_like_digits("v1.2.3 build 4567"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::audit::{AuditAction, AuditEvent};
 use super::data::contains_card_like_digits;
 use super::error::VaultError;
 use super::store::{DekState, KekCheck};
+use super::unseal::SealStatus;
 use super::vault::{KEK_CHECK_AAD, Vault, now_ms, storage};
 use crate::crypto::kek::{Kek, KeyBytes};
 use crate::crypto::keyring::dek_aad;
@@ -20,6 +21,15 @@ use crate::crypto::keyring::dek_aad;
 /// How long a request waits for its second administrator's approval.
 pub const APPROVAL_TTL_MS: i64 = 60 * 60 * 1000;
 const REASON_MAX_CHARS: usize = 512;
+const TARGET_MAX_CHARS: usize = 1024;
+/// What an audit record keeps of a reason that failed [`check_reason`]:
+/// rejected text is never stored.
+const REJECTED: &str = "(rejected)";
+/// The answers for an id that names nothing the caller may see. The same
+/// words whether the object is missing or another tenant's, and never the
+/// id, which is caller input.
+const NO_KEY: &str = "no such data key";
+const NO_REQUEST: &str = "no such pending request of this kind (requests expire after one hour)";
 
 /// A dual-control request awaiting a second administrator: destroying a
 /// tenant's keys, or rotating the KEK. Held in memory only: a restart
@@ -89,13 +99,56 @@ pub(crate) fn check_reason(reason: &str) -> Result<&str, VaultError> {
     Ok(r)
 }
 
-fn parse_tenant(t: &str) -> Result<TenantId, VaultError> {
-    TenantId::parse(t).map_err(VaultError::InvalidArgument)
+/// A KEK rotation target's description (a path, an HSM label) is caller
+/// text that lands in the audit log: bounded, printable, and screened for
+/// card numbers like a reason.
+fn check_target(target: &str) -> Result<&str, VaultError> {
+    let t = target.trim();
+    if t.is_empty()
+        || t.chars().count() > TARGET_MAX_CHARS
+        || t.chars().any(char::is_control)
+        || contains_card_like_digits(t)
+    {
+        return Err(VaultError::InvalidArgument(format!(
+            "a KEK target must be at most {TARGET_MAX_CHARS} printable characters and hold no card number"
+        )));
+    }
+    Ok(t)
+}
+
+/// What an audit record keeps of a caller's reason: the reason if it would
+/// be accepted, else a marker (or nothing, for none given).
+fn reason_note(reason: &str) -> Option<String> {
+    match check_reason(reason) {
+        Ok(r) => Some(r.to_owned()),
+        Err(_) if reason.trim().is_empty() => None,
+        Err(_) => Some(REJECTED.to_owned()),
+    }
+}
+
+/// What an audit record keeps of a tenant named by a caller: the name if it
+/// is one; anything else is caller text and is not stored.
+pub(crate) fn tenant_note(tenant: &str) -> Option<String> {
+    TenantId::parse(tenant).ok().map(|t| t.as_str().to_owned())
+}
+
+/// A caller-supplied id for an audit record. Ids the vault issued are
+/// recorded as they are; one that names nothing is caller input, and a
+/// 12–19 digit number may be a card number, so such a one is withheld.
+pub(crate) fn shown_id(id: u64) -> String {
+    let s = id.to_string();
+    if contains_card_like_digits(&s) {
+        "(withheld)".to_owned()
+    } else {
+        s
+    }
 }
 
 impl Vault {
     /// A vault-wide event by `caller` (no tenant unless set later), with
-    /// the reason if one was given.
+    /// the reason if one was given and it passes [`check_reason`]: the
+    /// record is written on failure paths too, so a rejected reason must
+    /// never be copied into it.
     pub(crate) fn key_event(
         &self,
         caller: &Caller,
@@ -104,7 +157,7 @@ impl Vault {
     ) -> AuditEvent {
         let mut e = AuditEvent::new(now_ms(), &caller.identity, action);
         e.peer = caller.peer.clone();
-        e.reason = Some(reason.trim().to_owned()).filter(|r| !r.is_empty());
+        e.reason = reason_note(reason);
         e
     }
 
@@ -121,21 +174,24 @@ impl Vault {
             .await
     }
 
-    /// Status of the KEK and every data key. Works while sealed (counters
-    /// then come from the store).
+    /// Status of the KEK and of every data key the caller's grant reaches:
+    /// a tenant-scoped caller sees its own tenant's keys and nothing of any
+    /// other tenant. Works while sealed (counters then come from the store).
     pub async fn key_status(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
         let allowed = caller.authorize(Action::ReadKeys);
-        self.audited_key_read(caller, allowed, "key status".into(), self.key_status_now())
+        let read = self.key_status_now(caller);
+        self.audited_key_read(caller, allowed, "key status".into(), read)
             .await
     }
 
-    async fn key_status_now(&self) -> Result<KeyStatus, VaultError> {
+    async fn key_status_now(&self, caller: &Caller) -> Result<KeyStatus, VaultError> {
         let pin = self.store.kek_check().await.map_err(storage)?;
         let ring = self.ring().ok();
         let deks = self.store.load_deks().await.map_err(storage)?;
         let counts = self.store.token_counts().await.map_err(storage)?;
         let deks = deks
             .into_iter()
+            .filter(|w| caller.reaches_name(&w.tenant))
             .map(|w| {
                 let live = ring.as_ref().and_then(|r| r.get(w.id));
                 DekStatus {
@@ -170,10 +226,11 @@ impl Vault {
         tenant: &str,
         reason: &str,
     ) -> Result<DekStatus, VaultError> {
+        let mut ev = self.key_event(caller, AuditAction::DekRotate, reason);
+        ev.tenant = tenant_note(tenant);
         let res = async {
-            caller.authorize(Action::ManageKeys)?;
+            let tenant = caller.authorize_tenant(Action::ManageKeys, tenant)?;
             let reason = check_reason(reason)?;
-            let tenant = parse_tenant(tenant)?;
             let _guard = self.lifecycle.lock().await;
             let ring = self.ring()?;
             let current = ring.active_for(tenant.as_str());
@@ -202,8 +259,6 @@ impl Vault {
         }
         .await;
         if let Err(e) = &res {
-            let mut ev = self.key_event(caller, AuditAction::DekRotate, reason);
-            ev.tenant = Some(tenant.to_owned());
             self.audit_error(e, ev).await?;
         }
         res
@@ -293,6 +348,7 @@ impl Vault {
     }
 
     /// Destroys a decrypt-only data key that no token references any more.
+    /// Another tenant's key is, to a tenant-scoped caller, a missing one.
     pub async fn destroy_dek(
         &self,
         caller: &Caller,
@@ -309,9 +365,12 @@ impl Vault {
             let w = deks
                 .iter()
                 .find(|d| d.id == id)
-                .ok_or_else(|| VaultError::FailedPrecondition(format!("no data key {id}")))?;
+                .ok_or_else(|| VaultError::NoSuch(NO_KEY.into()))?;
             ev.tenant = Some(w.tenant.clone());
             ev.key_version = Some(w.version);
+            if !caller.reaches_name(&w.tenant) {
+                return Err(VaultError::OutOfScope(NO_KEY.into()));
+            }
             self.store
                 .destroy_dek(id, ev.clone())
                 .await
@@ -338,16 +397,12 @@ impl Vault {
         reason: &str,
     ) -> Result<PendingChange, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::ShredRequest, reason);
-        ev.tenant = Some(tenant.to_owned());
+        ev.tenant = tenant_note(tenant);
         let res = async {
-            let t = parse_tenant(tenant);
-            self.request_change(
-                caller,
-                reason,
-                move || Ok(ChangeKind::Shred(t?)),
-                ev.clone(),
-            )
-            .await
+            let tenant = caller.authorize_tenant(Action::ManageKeys, tenant)?;
+            let reason = check_reason(reason)?;
+            self.request_change(caller, reason, ChangeKind::Shred(tenant), ev.clone())
+                .await
         }
         .await;
         if let Err(e) = &res {
@@ -357,7 +412,9 @@ impl Vault {
     }
 
     /// Second half: a different administrator approves, and every key of
-    /// the tenant is destroyed. Its tokens can never be opened again.
+    /// the tenant is destroyed. Its tokens can never be opened again. A
+    /// request for a tenant the approver's grant does not reach is, to the
+    /// approver, a missing one.
     pub async fn approve_shred(
         &self,
         caller: &Caller,
@@ -365,15 +422,19 @@ impl Vault {
         reason: &str,
     ) -> Result<Vec<u32>, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::TenantShred, reason);
-        ev.detail = Some(format!("request_id={request_id}"));
         let res = async {
+            caller.authorize(Action::ManageKeys)?;
+            check_reason(reason)?;
             let _guard = self.lifecycle.lock().await;
-            let req =
-                self.take_change(caller, request_id, |k| matches!(k, ChangeKind::Shred(_)))?;
+            let req = self.take_change(
+                caller,
+                request_id,
+                |k| matches!(k, ChangeKind::Shred(_)),
+                &mut ev,
+            )?;
             let ChangeKind::Shred(tenant) = &req.kind else {
                 return Err(VaultError::Internal);
             };
-            ev.tenant = Some(tenant.as_str().to_owned());
             let done = approved_event(&ev, &req, caller);
             match self.store.shred_tenant(tenant.as_str(), done).await {
                 Ok(ids) => {
@@ -399,25 +460,27 @@ impl Vault {
     }
 
     /// First half of a KEK rotation: records the request (the new KEK is
-    /// described by `target`, built only once approved). PCI DSS 3.7.7: a KEK
-    /// change needs two administrators.
+    /// described by what `target` decodes, built only once approved). The
+    /// KEK wraps every tenant's keys, so only a grant for every tenant may
+    /// ask; `target` is decoded only once the caller is authorized. PCI DSS
+    /// 3.7.7: a KEK change needs two administrators.
     pub async fn request_kek_rotation(
         &self,
         caller: &Caller,
-        target: &str,
         reason: &str,
+        target: impl FnOnce() -> Result<String, VaultError>,
     ) -> Result<PendingChange, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::KekRotateRequest, reason);
-        ev.detail = Some(format!("target={target}"));
-        let target = target.to_owned();
-        let res = self
-            .request_change(
-                caller,
-                reason,
-                move || Ok(ChangeKind::KekRotation(target)),
-                ev.clone(),
-            )
-            .await;
+        let res = async {
+            caller.authorize_all(Action::ManageKeys)?;
+            let reason = check_reason(reason)?;
+            let target = target()?;
+            let target = check_target(&target)?;
+            ev.detail = Some(format!("target={target}"));
+            let kind = ChangeKind::KekRotation(target.to_owned());
+            self.request_change(caller, reason, kind, ev.clone()).await
+        }
+        .await;
         if let Err(e) = &res {
             self.audit_error(e, ev).await?;
         }
@@ -434,27 +497,33 @@ impl Vault {
         request_id: u64,
         reason: &str,
     ) -> Result<PendingChange, VaultError> {
-        let res = self.take_change(caller, request_id, |k| {
-            matches!(k, ChangeKind::KekRotation(_))
-        });
+        let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
+        let res = caller
+            .authorize_all(Action::ManageKeys)
+            .and_then(|_| check_reason(reason))
+            .and_then(|_| {
+                self.take_change(
+                    caller,
+                    request_id,
+                    |k| matches!(k, ChangeKind::KekRotation(_)),
+                    &mut ev,
+                )
+            });
         if let Err(e) = &res {
-            let mut ev = self.key_event(caller, AuditAction::KekRotate, reason);
-            ev.detail = Some(format!("request_id={request_id}"));
             self.audit_error(e, ev).await?;
         }
         res
     }
 
+    /// Records a request for `kind`, by an authorized `caller` for a
+    /// checked `reason`, with its audit event `ev`.
     async fn request_change(
         &self,
         caller: &Caller,
         reason: &str,
-        kind: impl FnOnce() -> Result<ChangeKind, VaultError>,
+        kind: ChangeKind,
         ev: AuditEvent,
     ) -> Result<PendingChange, VaultError> {
-        caller.authorize(Action::ManageKeys)?;
-        let reason = check_reason(reason)?;
-        let kind = kind()?;
         let mut raw = [0u8; 8];
         crate::crypto::random_bytes(&mut raw).map_err(|_| VaultError::Internal)?;
         let req = PendingChange {
@@ -475,25 +544,31 @@ impl Vault {
         Ok(req)
     }
 
-    /// Removes a pending request for approval by `caller`, atomically, so
-    /// one request is carried out at most once however many approvals race.
+    /// Removes a pending request for approval by an authorized `caller`,
+    /// atomically, so one request is carried out at most once however many
+    /// approvals race. Notes on `ev` what the request concerns. A request
+    /// for a tenant the caller's grant does not reach stays pending and is
+    /// reported exactly like a missing one.
     fn take_change(
         &self,
         caller: &Caller,
         request_id: u64,
         kind: impl Fn(&ChangeKind) -> bool,
+        ev: &mut AuditEvent,
     ) -> Result<PendingChange, VaultError> {
-        caller.authorize(Action::ManageKeys)?;
         let mut pending = self.pending();
         pending.retain(|_, r| now_ms() - r.created_ms < APPROVAL_TTL_MS);
-        let missing = || {
-            VaultError::FailedPrecondition(format!(
-                "no pending request {request_id} of this kind (requests expire after one hour)"
-            ))
-        };
-        let req = pending.get(&request_id).ok_or_else(missing)?;
-        if !kind(&req.kind) {
-            return Err(missing());
+        let missing = || VaultError::NoSuch(NO_REQUEST.into());
+        let req = pending
+            .get(&request_id)
+            .filter(|r| kind(&r.kind))
+            .ok_or_else(missing)?;
+        ev.detail = Some(format!("request_id={request_id}"));
+        if let ChangeKind::Shred(tenant) = &req.kind {
+            ev.tenant = Some(tenant.as_str().to_owned());
+            if !caller.reaches(tenant) {
+                return Err(VaultError::OutOfScope(NO_REQUEST.into()));
+            }
         }
         if req.requester == caller.identity {
             return Err(VaultError::PermissionDenied(
@@ -501,6 +576,48 @@ impl Vault {
             ));
         }
         pending.remove(&request_id).ok_or_else(missing)
+    }
+
+    /// Seals the vault, for every tenant at once: a tenant-scoped
+    /// administrator is refused, and a reason that fails [`check_reason`] is
+    /// refused here, so it never reaches the seal's own audit record.
+    pub async fn seal_checked(
+        &self,
+        caller: &Caller,
+        reason: &str,
+    ) -> Result<SealStatus, VaultError> {
+        let checked = caller
+            .authorize_all(Action::ManageKeys)
+            .and_then(|_| check_reason(reason));
+        if let Err(e) = checked {
+            self.audit_error(&e, self.key_event(caller, AuditAction::Seal, reason))
+                .await?;
+            return Err(e);
+        }
+        self.seal(caller, reason).await
+    }
+
+    /// An `Unseal` call: a share from a custodian, or (no share) an
+    /// administrator's reload of the KEK from its configured source. A
+    /// custodian who sends no share has made a malformed submission, not
+    /// asked for a reload it may not do.
+    pub async fn unseal_with_share(
+        self: &Arc<Self>,
+        caller: &Caller,
+        share: &str,
+    ) -> Result<SealStatus, VaultError> {
+        if !share.trim().is_empty() {
+            return self.submit_share(caller, share).await;
+        }
+        let custodian_only = caller.authorize(Action::ManageKeys).is_err()
+            && caller.authorize(Action::Unseal).is_ok();
+        if !custodian_only {
+            return self.unseal_from_source(caller).await;
+        }
+        let e = VaultError::InvalidArgument("share is empty".into());
+        self.audit_error(&e, self.key_event(caller, AuditAction::UnsealShare, ""))
+            .await?;
+        Err(e)
     }
 
     /// Puts back a request whose approved action failed, so it can be

@@ -19,13 +19,16 @@ use zeroize::Zeroizing;
 use super::access::{Action, Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent};
 use super::error::VaultError;
-use super::keys::check_reason;
+use super::keys::{check_reason, shown_id, tenant_note};
 use super::store::{DekState, JobRecord, JobState, Reencrypted};
 use super::vault::{SYSTEM_ACTOR, Vault, now_ms, storage};
 use crate::crypto::envelope::{self, RecordContext};
 
 /// Passes over the table before a job gives up on rows it cannot move.
 const MAX_PASSES: u32 = 5;
+/// The answer for a job id that names nothing the caller may see, whether
+/// missing or another tenant's.
+const NO_JOB: &str = "no such re-encryption job";
 
 impl Vault {
     /// Starts re-encrypting `tenant`'s tokens that are under decrypt-only
@@ -36,14 +39,11 @@ impl Vault {
         tenant: &str,
         reason: &str,
     ) -> Result<JobRecord, VaultError> {
-        let mut ev = AuditEvent::new(now_ms(), &caller.identity, AuditAction::ReencryptStart);
-        ev.peer = caller.peer.clone();
-        ev.tenant = Some(tenant.to_owned());
-        ev.reason = Some(reason.trim().to_owned());
+        let mut ev = self.key_event(caller, AuditAction::ReencryptStart, reason);
+        ev.tenant = tenant_note(tenant);
         let res = async {
-            caller.authorize(Action::ManageKeys)?;
-            check_reason(reason)?;
-            let t = TenantId::parse(tenant).map_err(VaultError::InvalidArgument)?;
+            let t = caller.authorize_tenant(Action::ManageKeys, tenant)?;
+            let reason = check_reason(reason)?;
             self.ring()?;
             let _guard = self.lifecycle.lock().await;
             if let Some(j) = self
@@ -72,7 +72,7 @@ impl Vault {
                 created_ms: now,
                 updated_ms: now,
                 actor: caller.identity.clone(),
-                reason: reason.trim().to_owned(),
+                reason: reason.to_owned(),
                 error: None,
             };
             let mut ok = ev.clone();
@@ -88,10 +88,12 @@ impl Vault {
         res
     }
 
-    /// A job's progress.
+    /// A job's progress. Another tenant's job is, to a tenant-scoped
+    /// caller, a missing one.
     pub async fn job(&self, caller: &Caller, id: u64) -> Result<JobRecord, VaultError> {
         let allowed = caller.authorize(Action::ReadKeys);
-        self.audited_key_read(caller, allowed, format!("job {id}"), self.job_now(id))
+        let what = format!("job {}", shown_id(id));
+        self.audited_key_read(caller, allowed, what, self.job_now(caller, id))
             .await
     }
 
@@ -99,15 +101,20 @@ impl Vault {
     /// the record: authorized, but not recorded once more per poll.
     pub async fn job_again(&self, caller: &Caller, id: u64) -> Result<JobRecord, VaultError> {
         caller.authorize(Action::ReadKeys)?;
-        self.job_now(id).await
+        self.job_now(caller, id).await
     }
 
-    async fn job_now(&self, id: u64) -> Result<JobRecord, VaultError> {
-        self.store
+    async fn job_now(&self, caller: &Caller, id: u64) -> Result<JobRecord, VaultError> {
+        let job = self
+            .store
             .get_job(id)
             .await
             .map_err(storage)?
-            .ok_or_else(|| VaultError::FailedPrecondition(format!("no job {id}")))
+            .ok_or_else(|| VaultError::NoSuch(NO_JOB.into()))?;
+        if !caller.reaches_name(&job.tenant) {
+            return Err(VaultError::OutOfScope(NO_JOB.into()));
+        }
+        Ok(job)
     }
 
     /// Resumes every job left running by a previous process.

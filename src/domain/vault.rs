@@ -100,9 +100,17 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Maps a store failure to what the caller is told. The store's own text
+/// is logged, never sent: a precondition is the one message written for
+/// callers. A row that fails to decode is tampering or corruption, which no
+/// retry fixes, so it is DATA_LOSS, not "unavailable".
 pub(crate) fn storage(e: StoreError) -> VaultError {
     match e {
         StoreError::Precondition(m) => VaultError::FailedPrecondition(m),
+        StoreError::Corrupt(_) => {
+            error!(error = %e, "stored data is corrupt");
+            VaultError::DataLoss
+        }
         e => {
             error!(error = %e, "storage operation failed");
             VaultError::Unavailable("storage unavailable; retry later".into())
@@ -480,12 +488,32 @@ impl Vault {
         ev.outcome = Outcome::failed(e.code());
         ev.detail = Some(
             if ev.outcome == Outcome::DENIED || ev.outcome.as_str() == e.code() {
-                e.to_string()
+                e.audit_detail()
             } else {
                 e.code().to_owned()
             },
         );
         self.store.append_audit(ev).await.map_err(storage)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_rows_are_data_loss_and_do_not_echo_the_row() {
+        let e = storage(StoreError::Corrupt("dek 7 state 'x41x'".into()));
+        assert_eq!(e, VaultError::DataLoss);
+        assert!(!e.to_string().contains("x41x"), "{e}");
+        assert!(matches!(
+            storage(StoreError::Unavailable("disk full".into())),
+            VaultError::Unavailable(_)
+        ));
+        assert_eq!(
+            storage(StoreError::Precondition("key is active".into())),
+            VaultError::FailedPrecondition("key is active".into())
+        );
     }
 }

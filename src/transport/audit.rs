@@ -8,10 +8,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::auth::Authenticator;
-use super::status::to_status;
+use super::status::{fail, to_status};
 use super::timestamp as ts;
 use crate::audit::export::{self, Line};
 use crate::domain::audit::{AuditRecord, Checkpoint};
+use crate::domain::auditing::AuditQuery;
 use crate::domain::store::AuditFilter;
 use crate::domain::{Vault, VaultError};
 use crate::proto;
@@ -69,6 +70,36 @@ fn non_empty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
 }
 
+/// Decodes a ListEvents request into the page it asks for.
+fn query(r: proto::ListEventsRequest, limit: usize) -> Result<AuditQuery, VaultError> {
+    let after = if r.page_token.is_empty() {
+        0
+    } else {
+        r.page_token
+            .parse::<u64>()
+            .map_err(|_| VaultError::InvalidArgument("page_token is malformed".into()))?
+    };
+    let kind = proto::EventKind::try_from(r.kind)
+        .map_err(|_| VaultError::InvalidArgument("unknown event kind".into()))?;
+    let filter = AuditFilter {
+        key_events: match kind {
+            proto::EventKind::Unspecified => None,
+            proto::EventKind::KeyLifecycle => Some(true),
+            proto::EventKind::DataAccess => Some(false),
+        },
+        from_ms: r.from.as_ref().map(ms),
+        to_ms: r.to.as_ref().map(ms),
+        tenant: non_empty(r.tenant),
+        actor: non_empty(r.actor),
+        outcome: non_empty(r.outcome),
+    };
+    Ok(AuditQuery {
+        filter,
+        after,
+        limit,
+    })
+}
+
 const EXPORT_PAGE: usize = 500;
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<proto::ExportLine, Status>> + Send>>;
@@ -81,38 +112,18 @@ impl AuditService for AuditServiceImpl {
     ) -> Result<Response<proto::ListEventsResponse>, Status> {
         let caller = self.auth.caller(&request)?;
         let r = request.into_inner();
-        let after = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .parse::<u64>()
-                .map_err(|_| Status::invalid_argument("page_token is malformed"))?
-        };
-        let kind = proto::EventKind::try_from(r.kind)
-            .map_err(|_| Status::invalid_argument("unknown event kind"))?;
-        let filter = AuditFilter {
-            key_events: match kind {
-                proto::EventKind::Unspecified => None,
-                proto::EventKind::KeyLifecycle => Some(true),
-                proto::EventKind::DataAccess => Some(false),
-            },
-            from_ms: r.from.as_ref().map(ms),
-            to_ms: r.to.as_ref().map(ms),
-            tenant: non_empty(r.tenant),
-            actor: non_empty(r.actor),
-            outcome: non_empty(r.outcome),
-        };
         let size = if r.page_size == 0 {
             100
         } else {
             usize::try_from(r.page_size).unwrap_or(usize::MAX)
         };
         let size = size.min(crate::domain::auditing::MAX_PAGE);
+        // Decoded only once the core has authorized the caller.
         let rows = self
             .vault
-            .list_audit(&caller, &filter, after, size)
+            .list_audit(&caller, || query(r, size))
             .await
-            .map_err(|e| to_status(&e))?;
+            .map_err(|e| fail("ListEvents", &caller, e))?;
         let next = if rows.len() == size {
             rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
         } else {
@@ -133,7 +144,7 @@ impl AuditService for AuditServiceImpl {
             .vault
             .latest_checkpoint(&caller)
             .await
-            .map_err(|e| to_status(&e))?;
+            .map_err(|e| fail("GetLatestCheckpoint", &caller, e))?;
         Ok(Response::new(proto::GetLatestCheckpointResponse {
             checkpoint: c.map(checkpoint),
         }))
@@ -150,7 +161,7 @@ impl AuditService for AuditServiceImpl {
         self.vault
             .begin_export(&caller, after)
             .await
-            .map_err(|e| to_status(&e))?;
+            .map_err(|e| fail("ExportLog", &caller, e))?;
         let key_id = self.vault.signer().map(|s| s.key_id());
         let vault = self.vault.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -206,7 +217,7 @@ impl AuditService for AuditServiceImpl {
             .vault
             .audit_public_key(&caller)
             .await
-            .map_err(|e: VaultError| to_status(&e))?;
+            .map_err(|e| fail("GetPublicKey", &caller, e))?;
         Ok(Response::new(proto::GetPublicKeyResponse {
             key_id: k.key_id,
             pem: k.pem,

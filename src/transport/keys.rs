@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 use super::auth::Authenticator;
 use super::status::{fail, to_status};
@@ -95,22 +96,25 @@ fn seal_status(s: SealStatus) -> proto::SealStatus {
 type JobStream = Pin<Box<dyn Stream<Item = Result<proto::Job, Status>> + Send>>;
 
 /// Validates a target's shape before it is recorded.
-fn checked_target(t: Target) -> Result<Target, ()> {
-    match &t {
-        Target::FilePath(p) if !p.trim().is_empty() => Ok(t),
-        Target::Hsm(h) if !h.key_label.trim().is_empty() => Ok(t),
-        Target::Shamir(s)
+fn checked_target(t: Option<Target>) -> Result<Target, VaultError> {
+    match t {
+        Some(Target::FilePath(p)) if !p.trim().is_empty() => Ok(Target::FilePath(p)),
+        Some(Target::Hsm(h)) if !h.key_label.trim().is_empty() => Ok(Target::Hsm(h)),
+        Some(Target::Shamir(s))
             if !s.out_dir.trim().is_empty()
                 && (2..=16).contains(&s.threshold)
                 && (s.threshold..=16).contains(&s.shares) =>
         {
-            Ok(t)
+            Ok(Target::Shamir(s))
         }
-        _ => Err(()),
+        _ => Err(VaultError::InvalidArgument(
+            "a target KEK is required: file_path, hsm, or shamir with 2 <= threshold <= shares <= 16".into(),
+        )),
     }
 }
 
-/// What a KEK rotation target is, for the audit log and the approver.
+/// What a KEK rotation target is, for the audit log and the approver (the
+/// core screens it before it is recorded).
 fn describe(t: &Target) -> String {
     match t {
         Target::FilePath(p) => format!("file:{p}"),
@@ -212,30 +216,28 @@ impl KeyService for KeyServiceImpl {
         let caller = self.auth.caller(&request)?;
         let st = |e: VaultError| fail("RequestKekRotation", &caller, e);
         let r = request.into_inner();
-        let target = match r.target.map(checked_target).transpose() {
-            Ok(Some(t)) => t,
-            Ok(None) | Err(_) => {
-                let e = VaultError::InvalidArgument(
-                    "a target KEK is required: file_path, hsm, or shamir with 2 <= threshold <= shares <= 16".into(),
-                );
-                self.vault
-                    .audit_key_refusal(&caller, AuditAction::KekRotateRequest, &r.reason, &e)
-                    .await
-                    .map_err(st)?;
-                return Err(st(e));
-            }
-        };
+        // The target is decoded only once the core has authorized the caller.
+        let mut decoded = None;
         let req = self
             .vault
-            .request_kek_rotation(&caller, &describe(&target), &r.reason)
+            .request_kek_rotation(&caller, &r.reason, || {
+                let t = checked_target(r.target)?;
+                let d = describe(&t);
+                decoded = Some(t);
+                Ok(d)
+            })
             .await
             .map_err(st)?;
-        self.targets().insert(req.id, target.clone());
+        let Some(target) = decoded else {
+            return Err(st(VaultError::Internal));
+        };
+        let description = describe(&target);
+        self.targets().insert(req.id, target);
         Ok(Response::new(proto::PendingApproval {
             request_id: req.id,
             requested_by: req.requester,
             expires_at: ts(req.created_ms + APPROVAL_TTL_MS),
-            description: describe(&target),
+            description,
         }))
     }
 
@@ -386,17 +388,15 @@ impl KeyService for KeyServiceImpl {
 
     async fn unseal(
         &self,
-        request: Request<proto::UnsealRequest>,
+        mut request: Request<proto::UnsealRequest>,
     ) -> Result<Response<proto::SealStatus>, Status> {
+        // The share is moved into a wiping buffer before anything can return
+        // early or the call be cancelled at an await: either would free the
+        // decoded request with the share still in it.
+        let share = Zeroizing::new(std::mem::take(&mut request.get_mut().share));
         let caller = self.auth.caller(&request)?;
         let st = |e: VaultError| fail("Unseal", &caller, e);
-        let mut r = request.into_inner();
-        let res = if r.share.trim().is_empty() {
-            self.vault.unseal_from_source(&caller).await
-        } else {
-            self.vault.submit_share(&caller, &r.share).await
-        };
-        zeroize::Zeroize::zeroize(&mut r.share);
+        let res = self.vault.unseal_with_share(&caller, &share).await;
         Ok(Response::new(seal_status(res.map_err(st)?)))
     }
 
@@ -407,7 +407,11 @@ impl KeyService for KeyServiceImpl {
         let caller = self.auth.caller(&request)?;
         let st = |e: VaultError| fail("Seal", &caller, e);
         let r = request.into_inner();
-        let s = self.vault.seal(&caller, &r.reason).await.map_err(st)?;
+        let s = self
+            .vault
+            .seal_checked(&caller, &r.reason)
+            .await
+            .map_err(st)?;
         Ok(Response::new(seal_status(s)))
     }
 

@@ -29,7 +29,9 @@ pub fn logged<T>(
 pub fn fail(method: &'static str, caller: &Caller, e: VaultError) -> Status {
     let code = e.code();
     match e {
-        VaultError::PermissionDenied(_) | VaultError::Unauthenticated => {
+        VaultError::PermissionDenied(_)
+        | VaultError::OutOfScope(_)
+        | VaultError::Unauthenticated => {
             info!(method, caller = %caller.identity, outcome = code, "call denied");
         }
         VaultError::DataLoss | VaultError::Internal => {
@@ -43,7 +45,8 @@ pub fn fail(method: &'static str, caller: &Caller, e: VaultError) -> Status {
 pub fn to_status(e: &VaultError) -> Status {
     let code = match e {
         VaultError::InvalidArgument(_) => Code::InvalidArgument,
-        VaultError::NotFound => Code::NotFound,
+        // Out of scope answers exactly as missing: same code, same message.
+        VaultError::NotFound | VaultError::NoSuch(_) | VaultError::OutOfScope(_) => Code::NotFound,
         VaultError::Unauthenticated => Code::Unauthenticated,
         VaultError::PermissionDenied(_) => Code::PermissionDenied,
         VaultError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -67,6 +70,8 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (VaultError::NotFound, Code::NotFound),
+            (VaultError::NoSuch("x".into()), Code::NotFound),
+            (VaultError::OutOfScope("x".into()), Code::NotFound),
             (VaultError::Unauthenticated, Code::Unauthenticated),
             (
                 VaultError::PermissionDenied("x".into()),
@@ -88,5 +93,16 @@ mod tests {
         for (e, c) in cases {
             assert_eq!(to_status(&e).code(), c);
         }
+    }
+
+    #[test]
+    fn out_of_scope_reads_exactly_as_missing() {
+        let shown = "no such data key";
+        let missing = to_status(&VaultError::NoSuch(shown.into()));
+        let hidden = to_status(&VaultError::OutOfScope(shown.into()));
+        assert_eq!(
+            (missing.code(), missing.message()),
+            (hidden.code(), hidden.message())
+        );
     }
 }

@@ -34,6 +34,56 @@ pub const ADMIN: &str = "admin";
 pub const ADMIN_2: &str = "admin-2";
 pub const CUSTODIANS: [&str; 3] = ["custodian-1", "custodian-2", "custodian-3"];
 
+/// Tenant-scoped callers that `TestVault::start_scoped` adds to the dev
+/// setup: (name, tenant, roles). Their identity is `spiffe://tokenvault.dev/`
+/// followed by the name.
+pub const ACME_ADMIN: &str = "acme-admin";
+pub const ACME_AUDITOR: &str = "acme-auditor";
+pub const SCOPED_CALLERS: [(&str, &str, &str); 2] = [
+    (ACME_ADMIN, "acme", "admin"),
+    (ACME_AUDITOR, "acme", "audit"),
+];
+
+/// The identity URI of a caller added by `TestVault::start_scoped`.
+pub fn scoped_identity(name: &str) -> String {
+    format!("spiffe://tokenvault.dev/{name}")
+}
+
+/// Writes a development PKI into `root` with certificates for every dev
+/// caller plus `extra` names, and grants the extras in the config. The dev
+/// CA's key is not kept on disk, so extra callers must be issued here,
+/// before `ensure_dev_dir` would make a PKI of its own.
+fn write_pki_with(root: &Path, extra: &[(&str, &str, &str)]) {
+    use tokenvault::devpki::{DEV_CLIENTS, DevCa};
+    use tokenvault::fsutil::{write_private, write_public};
+    let l = DevLayout::new(root);
+    std::fs::create_dir_all(root.join("pki/clients")).unwrap();
+    let ca = DevCa::generate("tokenvault development CA").unwrap();
+    let server = ca.server().unwrap();
+    write_public(&root.join("pki/server.pem"), server.cert_pem.as_bytes()).unwrap();
+    write_private(&root.join("pki/server.key"), server.key_pem.as_bytes()).unwrap();
+    let names = DEV_CLIENTS
+        .iter()
+        .map(|c| (c.name, c.identity.to_owned()))
+        .chain(extra.iter().map(|(n, _, _)| (*n, scoped_identity(n))));
+    for (name, id) in names {
+        let issued = ca.client(&id).unwrap();
+        write_public(&l.client_cert(name), issued.cert_pem.as_bytes()).unwrap();
+        write_private(&l.client_key(name), issued.key_pem.as_bytes()).unwrap();
+    }
+    write_public(&l.ca(), ca.cert_pem().as_bytes()).unwrap();
+    let grants: String = extra
+        .iter()
+        .map(|(name, tenant, role)| {
+            format!(
+                "[[clients]]\nidentity = \"{}\"\ntenant = \"{tenant}\"\nroles = [\"{role}\"]\n",
+                scoped_identity(name)
+            )
+        })
+        .collect();
+    append_config(root, &grants);
+}
+
 pub struct TestVault {
     pub dir: TempDir,
     pub addr: SocketAddr,
@@ -69,6 +119,13 @@ pub fn append_config(root: &Path, toml: &str) {
 impl TestVault {
     pub async fn start() -> Self {
         Self::start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    /// Starts a vault whose dev setup also has the `SCOPED_CALLERS`.
+    pub async fn start_scoped() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        write_pki_with(dir.path(), &SCOPED_CALLERS);
+        Self::start_in(dir).await
     }
 
     /// Starts (or restarts) a vault on an existing data directory.
