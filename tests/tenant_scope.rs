@@ -11,7 +11,7 @@ use tokenvault::proto::{
     ApproveKekRotationRequest, ApproveTenantShredRequest, DataKeyState, DestroyDataKeyRequest,
     ExportLogRequest, GetJobRequest, GetKeyStatusRequest, GetLatestCheckpointRequest,
     GetPublicKeyRequest, ListEventsRequest, RequestTenantShredRequest, RotateDataKeyRequest,
-    RotateKekRequest, SealRequest, StartReencryptionRequest,
+    RotateKekRequest, SealRequest, StartReencryptionRequest, UnsealRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -205,6 +205,18 @@ async fn a_scoped_admin_manages_only_its_own_tenants_keys() {
         Code::PermissionDenied,
         "seal",
     );
+    // Unsealing opens every tenant's keys: a scoped admin may not either.
+    call(admin.seal(SealRequest {
+        reason: "maintenance window".into(),
+    }))
+    .await
+    .unwrap();
+    refused(
+        call(scoped.unseal(UnsealRequest::default())).await,
+        Code::PermissionDenied,
+        "unseal",
+    );
+    call(admin.unseal(UnsealRequest::default())).await.unwrap();
 
     // Nothing of globex changed; the refused request is still pending and a
     // global administrator can approve it.
@@ -250,6 +262,7 @@ async fn a_scoped_admin_manages_only_its_own_tenants_keys() {
             ("kek_rotate_request", "denied"),
             ("kek_rotate", "denied"),
             ("seal", "denied"),
+            ("unseal", "denied"),
         ],
         "{rows:#?}"
     );

@@ -578,25 +578,6 @@ impl Vault {
         pending.remove(&request_id).ok_or_else(missing)
     }
 
-    /// Seals the vault, for every tenant at once: a tenant-scoped
-    /// administrator is refused, and a reason that fails [`check_reason`] is
-    /// refused here, so it never reaches the seal's own audit record.
-    pub async fn seal_checked(
-        &self,
-        caller: &Caller,
-        reason: &str,
-    ) -> Result<SealStatus, VaultError> {
-        let checked = caller
-            .authorize_all(Action::ManageKeys)
-            .and_then(|_| check_reason(reason));
-        if let Err(e) = checked {
-            self.audit_error(&e, self.key_event(caller, AuditAction::Seal, reason))
-                .await?;
-            return Err(e);
-        }
-        self.seal(caller, reason).await
-    }
-
     /// An `Unseal` call: a share from a custodian, or (no share) an
     /// administrator's reload of the KEK from its configured source. A
     /// custodian who sends no share has made a malformed submission, not
