@@ -9,7 +9,9 @@
 //!   [`domain::Token`], callers and roles ([`domain::access`]), audit events,
 //!   the [`domain::Store`] port, and [`domain::Vault`], which sequences every
 //!   operation: the data plane (`data`), key lifecycle (`keys`: rotation,
-//!   KEK rotation, destruction, dual-control approvals), sealing (`unseal`),
+//!   KEK rotation, destruction), the two-administrator changes
+//!   (`dual_control`: crypto-shredding, KEK rotation requests), sealing
+//!   (`unseal`),
 //!   re-encryption jobs (`reencrypt`) and the audit log's reads and
 //!   checkpoints (`auditing`). Knows nothing of gRPC or SQL.
 //! - [`crypto`]: the AES-256-GCM record envelope, KEK sources ([`crypto::kek`]

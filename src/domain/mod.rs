@@ -6,6 +6,7 @@ pub mod access;
 pub mod audit;
 pub mod auditing;
 pub mod data;
+pub mod dual_control;
 pub mod error;
 pub mod keys;
 pub mod pan;

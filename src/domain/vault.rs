@@ -3,7 +3,8 @@
 //! choosing (and when due, rotating) a tenant's active data key, counting
 //! key uses, and writing audit events. The operations themselves live in
 //! `data.rs` (tokenize, detokenize, …), `keys.rs` (key lifecycle),
-//! `unseal.rs` and `reencrypt.rs`.
+//! `dual_control.rs` (two-administrator changes), `unseal.rs` and
+//! `reencrypt.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -14,8 +15,8 @@ use tracing::{error, info, warn};
 
 use super::access::{Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent, Outcome};
+use super::dual_control::PendingChange;
 use super::error::VaultError;
-use super::keys::PendingChange;
 use super::store::{KekCheck, Store, StoreError, StoredSigningKey};
 use super::token::Token;
 use super::unseal::UnsealState;
