@@ -341,6 +341,77 @@ mod tests {
         assert!(!c.added_since(3, 0));
     }
 
+    fn migrated() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut c = Connection::open(dir.path().join("v.db")).expect("open");
+        super::super::schema::migrate(&mut c).expect("migrate");
+        (dir, c)
+    }
+
+    fn job(op: Op) -> (Job, oneshot::Receiver<Answer>) {
+        let (reply, rx) = oneshot::channel();
+        (Job { op, reply }, rx)
+    }
+
+    fn answer(rx: &mut oneshot::Receiver<Answer>) -> Result<Done, StoreError> {
+        rx.try_recv().expect("answered").0
+    }
+
+    /// A re-encryption batch for a job that is no longer running used to
+    /// be fatal and roll back every write in its group commit.
+    #[test]
+    fn a_batch_for_a_stopped_job_fails_alone_in_its_group_commit() {
+        use crate::domain::audit::AuditAction;
+        use crate::domain::store::Reencrypted;
+        use crate::storage::conformance::{event, record, token};
+        let (_dir, mut conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO jobs (id, kind, tenant, state, total, created_ms, updated_ms, actor,
+                               reason)
+             VALUES (7, 'reencrypt', 'acme', 'completed', 1, 0, 0, 'a', 'r')",
+        )
+        .expect("job");
+        let mut state = WriterState::load(&conn).expect("load");
+        let insert = |n: u8| {
+            let t = token(n);
+            Op::InsertToken(
+                std::sync::Arc::new(record(t, "acme")),
+                event(AuditAction::Tokenize, Some(t)),
+            )
+        };
+        let moved = Reencrypted {
+            token: token(1),
+            old_dek: 1,
+            new_dek: 2,
+            ciphertext: vec![9; 8],
+        };
+        let (a, mut ra) = job(insert(1));
+        let (b, mut rb) = job(Op::ReencryptBatch(7, vec![moved], None));
+        let (c, mut rc) = job(insert(2));
+        let mut batch = vec![a, b, c];
+        let cache = TokenCache::new(0);
+        commit_batch(
+            &mut conn,
+            &mut batch,
+            &mut state,
+            &cache,
+            &AtomicU64::new(0),
+        );
+        assert!(answer(&mut ra).is_ok());
+        let refused = answer(&mut rb);
+        assert!(
+            matches!(&refused, Err(StoreError::Precondition(m)) if m.contains("job 7 is not running")),
+            "{refused:?}"
+        );
+        assert!(answer(&mut rc).is_ok());
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM tokens WHERE dek_id = 1", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(n, 2, "both tokens committed, neither moved");
+    }
+
     #[test]
     fn a_destroy_sees_tokens_added_earlier_in_its_own_batch() {
         let st = state(&[]);
