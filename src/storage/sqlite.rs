@@ -162,7 +162,7 @@ impl SqliteStore {
         }
 
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
-        let state = writer::WriterState::load(&conn).map_err(unavailable)?;
+        let state = writer::WriterState::load(&conn)?;
         let max_batch = opts.max_batch.max(1);
         let cache = Arc::new(TokenCache::new(opts.cache_entries));
         let writer_cache = cache.clone();

@@ -104,33 +104,47 @@ pub struct WriterState {
 }
 
 impl WriterState {
-    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
-        let max: i64 =
-            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
-        let head: Option<Vec<u8>> = conn
+    /// Reads the audit head and the destroyed keys. The chain continues
+    /// from the last entry's chain hash; a last entry without a usable one
+    /// is refused rather than restarted from genesis, which would make
+    /// every later entry verify against nothing (fail closed).
+    pub fn load(conn: &Connection) -> Result<Self, StoreError> {
+        let last: Option<(i64, Option<Vec<u8>>)> = conn
             .query_row(
-                "SELECT chain_hash FROM audit ORDER BY seq DESC LIMIT 1",
+                "SELECT seq, chain_hash FROM audit ORDER BY seq DESC LIMIT 1",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?
-            .flatten();
-        let chain_head = match head {
-            None => crate::audit::chain::GENESIS,
-            Some(h) => h.try_into().map_err(|_| {
-                rusqlite::Error::InvalidColumnType(
-                    0,
-                    "chain_hash".into(),
-                    rusqlite::types::Type::Blob,
-                )
-            })?,
+            .optional()
+            .map_err(map_err)?;
+        let (last_seq, chain_head) = match last {
+            None => (0, crate::audit::chain::GENESIS),
+            Some((seq, None)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "audit chain head is missing: the last audit entry (seq {seq}) has no \
+                     chain hash; refusing to open rather than restart the chain"
+                )));
+            }
+            Some((seq, Some(h))) => {
+                let len = h.len();
+                let head = <[u8; 32]>::try_from(h).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "audit chain head is broken: the last audit entry (seq {seq}) has a \
+                         {len}-byte chain hash, not 32"
+                    ))
+                })?;
+                (seq, head)
+            }
         };
-        let mut st = conn.prepare("SELECT id FROM deks WHERE state = 'destroyed'")?;
+        let mut st = conn
+            .prepare("SELECT id FROM deks WHERE state = 'destroyed'")
+            .map_err(map_err)?;
         let destroyed = st
-            .query_map([], |r| r.get::<_, u32>(0))?
-            .collect::<rusqlite::Result<HashSet<u32>>>()?;
+            .query_map([], |r| r.get::<_, u32>(0))
+            .and_then(Iterator::collect::<rusqlite::Result<HashSet<u32>>>)
+            .map_err(map_err)?;
         Ok(Self {
-            next_seq: u64::try_from(max).unwrap_or(0) + 1,
+            next_seq: u64::try_from(last_seq).unwrap_or(0) + 1,
             chain_head,
             destroyed,
             commits: 0,
@@ -410,6 +424,50 @@ mod tests {
             })
             .expect("count");
         assert_eq!(n, 2, "both tokens committed, neither moved");
+    }
+
+    /// A last audit row without a chain hash used to restart the chain from
+    /// genesis; now the store refuses to open.
+    #[test]
+    fn a_missing_chain_head_is_refused() {
+        let (_dir, conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO audit (seq, time_ms, actor, action, outcome, chain_hash)
+             VALUES (1, 0, 'a', 'x', 'success', zeroblob(32));
+             INSERT INTO audit (seq, time_ms, actor, action, outcome) VALUES (2, 0, 'a', 'x', 'success');",
+        )
+        .expect("rows");
+        let Err(e) = WriterState::load(&conn) else {
+            panic!("opened with a broken chain head");
+        };
+        assert!(
+            matches!(&e, StoreError::Corrupt(m) if m.contains("audit chain head is missing") && m.contains("seq 2")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_chain_head_is_refused() {
+        let (_dir, conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO audit (seq, time_ms, actor, action, outcome, chain_hash)
+             VALUES (1, 0, 'a', 'x', 'success', zeroblob(31));",
+        )
+        .expect("row");
+        let Err(e) = WriterState::load(&conn) else {
+            panic!("opened with a broken chain head");
+        };
+        assert!(e.to_string().contains("31-byte chain hash"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_log_starts_from_genesis() {
+        let (_dir, conn) = migrated();
+        let st = WriterState::load(&conn).expect("load");
+        assert_eq!(
+            (st.next_seq, st.chain_head),
+            (1, crate::audit::chain::GENESIS)
+        );
     }
 
     #[test]
