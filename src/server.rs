@@ -10,14 +10,14 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use crate::config::ProcessEnv;
 use crate::config::{Config, Env, KekSource};
 use crate::crypto::hsm::{HsmKek, HsmSettings};
-use crate::crypto::kek::KeyBytes;
-use crate::crypto::kek::{Kek, LocalKek};
+use crate::crypto::kek::{Kek, KeyBytes, LocalKek};
 use crate::crypto::shamir::{split, write_share_files};
 use crate::domain::auditing::CheckpointPolicy;
 use crate::domain::{Vault, VaultSettings};
@@ -239,13 +239,42 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
     })
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets in-flight
-/// calls finish (up to the configured drain time) and closes the store so
-/// every queued write is committed before returning.
+/// Serves until `shutdown` resolves, then reports NOT_SERVING, stops
+/// accepting, lets in-flight calls finish (up to the configured drain time)
+/// and closes the store so every queued write is committed before
+/// returning. The store is closed on every way out, a failed start
+/// included, so its writer stops cleanly and its lock is released.
 pub async fn serve(
     listener: TcpListener,
     cfg: &Config,
     vault: Arc<Vault>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let served = run(listener, cfg, &vault, shutdown).await;
+    let closed = vault.store().close().await;
+    if served.is_ok() && closed.is_ok() {
+        info!("vault stopped; all acknowledged writes are committed");
+    }
+    served?;
+    Ok(closed?)
+}
+
+/// Aborts a background task when dropped, whichever way `run` returns.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Everything of [`serve`] but closing the store. Whatever can fail (the
+/// TLS material, reflection, the server settings) is done before any
+/// background task or re-encryption job starts.
+async fn run(
+    listener: TcpListener,
+    cfg: &Config,
+    vault: &Arc<Vault>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let key = Zeroizing::new(read(&cfg.tls.key)?);
@@ -264,41 +293,6 @@ pub async fn serve(
     let audit_svc = AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(1 << 20);
-    let checkpointer = tokio::spawn(vault.clone().run_checkpointer(CheckpointPolicy {
-        every_entries: cfg.audit.checkpoint_every_entries,
-        every: Duration::from_secs(cfg.audit.checkpoint_every_seconds),
-    }));
-
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    // Health follows the seal: a sealed vault is up but cannot serve data.
-    let mut sealed = vault.sealed_watch();
-    let follow = health.clone();
-    let health_task = tokio::spawn(async move {
-        loop {
-            let is_sealed = *sealed.borrow_and_update();
-            if is_sealed {
-                follow
-                    .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
-                    .await;
-                follow
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            } else {
-                follow
-                    .set_serving::<TokenServiceServer<TokenServiceImpl>>()
-                    .await;
-                follow
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-            }
-            if sealed.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    if !vault.is_sealed() {
-        vault.resume_jobs();
-    }
     let reflection = if cfg.server.reflection {
         Some(
             tonic_reflection::server::Builder::configure()
@@ -310,21 +304,7 @@ pub async fn serve(
     } else {
         None
     };
-
-    // Small unary calls: Nagle's algorithm would only add latency.
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        info!("shutdown requested: draining in-flight calls");
-        let _ = stop_tx.send(());
-    };
+    let (health, health_svc) = tonic_health::server::health_reporter();
     let router = Server::builder()
         .tls_config(tls)
         .map_err(|e| StartError::Tls(e.to_string()))?
@@ -336,6 +316,42 @@ pub async fn serve(
         .add_service(svc)
         .add_service(key_svc)
         .add_service(audit_svc);
+
+    // Nothing below fails before serving starts.
+    let checkpointer = AbortOnDrop(
+        tokio::spawn(vault.clone().run_checkpointer(CheckpointPolicy {
+            every_entries: cfg.audit.checkpoint_every_entries,
+            every: Duration::from_secs(cfg.audit.checkpoint_every_seconds),
+        }))
+        .abort_handle(),
+    );
+    let follow_seal = tokio::spawn(follow_seal(vault.sealed_watch(), health.clone()));
+    let _follow_guard = AbortOnDrop(follow_seal.abort_handle());
+    if !vault.is_sealed() {
+        vault.resume_jobs();
+    }
+
+    // Small unary calls: Nagle's algorithm would only add latency.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = health.clone();
+    let signal = async move {
+        shutdown.await;
+        // Before the drain, so load balancers stop sending new calls while
+        // the in-flight ones finish. The seal follower is stopped (and
+        // awaited) first, so it cannot report SERVING again.
+        follow_seal.abort();
+        let _ = follow_seal.await;
+        report_not_serving(&reporter).await;
+        info!("shutdown requested: reporting NOT_SERVING, draining in-flight calls");
+        let _ = stop_tx.send(());
+    };
     let serving = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serving);
     let drain = Duration::from_secs(cfg.server.drain_seconds);
@@ -353,11 +369,8 @@ pub async fn serve(
             Ok(())
         }
     };
-    health_task.abort();
-    checkpointer.abort();
-    health
-        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
-        .await;
+    drop(checkpointer);
+    report_not_serving(&health).await;
     // The last word before stopping: a signed checkpoint of the final head.
     if !vault.is_sealed() {
         match vault.checkpoint_now().await {
@@ -366,9 +379,36 @@ pub async fn serve(
             Err(e) => warn!(error = %e, "audit checkpoint at shutdown failed"),
         }
     }
-    vault.store().close().await?;
-    info!("vault stopped; all acknowledged writes are committed");
     result
+}
+
+/// Health follows the seal: a sealed vault is up but cannot serve data.
+async fn follow_seal(mut sealed: tokio::sync::watch::Receiver<bool>, health: HealthReporter) {
+    loop {
+        let is_sealed = *sealed.borrow_and_update();
+        if is_sealed {
+            report_not_serving(&health).await;
+        } else {
+            health
+                .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        if sealed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn report_not_serving(health: &HealthReporter) {
+    health
+        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 }
 
 /// Resolves on SIGTERM or SIGINT. The SIGTERM handler is installed when
@@ -389,3 +429,4 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
