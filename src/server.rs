@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use crate::config::ProcessEnv;
 use crate::config::{Config, Env, KekSource};
 use crate::crypto::hsm::{HsmKek, HsmSettings};
-use crate::crypto::kek::{Kek, KeyBytes, LocalKek};
+use crate::crypto::kek::{Kek, KeyBytes, LocalKek, check_private};
 use crate::crypto::shamir::{split, write_share_files};
 use crate::domain::auditing::CheckpointPolicy;
 use crate::domain::{Vault, VaultSettings};
@@ -154,12 +154,7 @@ pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, 
         return Ok(Arc::new(vault));
     }
     let kek = load_kek(cfg, env)?;
-    // Snapshot what a reload needs; the file itself is read again then.
-    let snapshot: std::collections::HashMap<String, String> = ["VAULT_KEK".to_owned()]
-        .into_iter()
-        .chain(cfg.kek.hsm.as_ref().map(|h| h.pin_env.clone()))
-        .filter_map(|k| env.get(&k).map(|v| (k, v)))
-        .collect();
+    let snapshot = ReloadEnv::capture(cfg, env);
     let reload_cfg = cfg.clone();
     let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg))
         .await?
@@ -167,6 +162,38 @@ pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, 
             load_kek(&reload_cfg, &snapshot).map_err(|e| e.to_string())
         }));
     Ok(Arc::new(vault))
+}
+
+/// The environment a KEK reload needs (`VAULT_KEK`, the HSM PIN), captured
+/// at start and kept for the life of the process, since the environment
+/// may change. The values are secrets: wiped when dropped, never printed.
+/// (The key file itself is read again at reload.)
+struct ReloadEnv(std::collections::HashMap<String, Zeroizing<String>>);
+
+impl ReloadEnv {
+    fn capture(cfg: &Config, env: &dyn Env) -> Self {
+        let names = ["VAULT_KEK".to_owned()]
+            .into_iter()
+            .chain(cfg.kek.hsm.as_ref().map(|h| h.pin_env.clone()));
+        Self(
+            names
+                .filter_map(|k| env.get(&k).map(|v| (k, Zeroizing::new(v))))
+                .collect(),
+        )
+    }
+}
+
+impl Env for ReloadEnv {
+    /// A copy for the caller to wrap at once (`load_kek`, `hsm_settings`).
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).map(|v| String::clone(v))
+    }
+}
+
+impl std::fmt::Debug for ReloadEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// Builds the new KEK named by a KEK-rotation request.
@@ -277,6 +304,7 @@ async fn run(
     vault: &Arc<Vault>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    check_private(&cfg.tls.key, "TLS private key").map_err(|e| StartError::Tls(e.to_string()))?;
     let key = Zeroizing::new(read(&cfg.tls.key)?);
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
@@ -430,3 +458,57 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::collections::HashMap;
+
+    fn hsm_config() -> Config {
+        Config::parse(
+            r#"
+            listen = "127.0.0.1:7443"
+            [tls]
+            cert = "c"
+            key = "k"
+            client_ca = "ca"
+            [storage]
+            path = "v.db"
+            [kek]
+            source = "hsm"
+            [kek.hsm]
+            module = "m.so"
+            token_label = "t"
+            key_label = "k"
+            pin_env = "PIN"
+            "#,
+        )
+        .unwrap()
+    }
+
+    /// The reload snapshot holds `VAULT_KEK` and the HSM PIN for the life
+    /// of the process: it used to keep them as plain `String`s, never
+    /// wiped. Its values must be wiped on drop, and it must not print them.
+    #[test]
+    fn the_reload_snapshot_wipes_and_hides_its_secrets() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let env: HashMap<String, String> = [
+            ("VAULT_KEK".to_owned(), "a2VrLWJhc2U2NA==".to_owned()),
+            ("PIN".to_owned(), "pin-1234".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ]
+        .into();
+        let snap = ReloadEnv::capture(&hsm_config(), &env);
+        for v in snap.0.values() {
+            wiped_on_drop(v);
+        }
+        assert_eq!(snap.get("VAULT_KEK").as_deref(), Some("a2VrLWJhc2U2NA=="));
+        assert_eq!(snap.get("PIN").as_deref(), Some("pin-1234"));
+        assert_eq!(snap.get("OTHER"), None, "only what a reload needs is kept");
+        let shown = format!("{snap:?}");
+        assert!(
+            !shown.contains("a2Vr") && !shown.contains("1234"),
+            "{shown}"
+        );
+    }
+}

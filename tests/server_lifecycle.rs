@@ -1,6 +1,6 @@
-//! Start-up and shutdown of the server: one vault per database, the store
-//! closed on every way out, and health reporting NOT_SERVING while calls
-//! drain.
+//! Start-up and shutdown of the server: one vault per database, secret
+//! files checked before use, the store closed on every way out, and health
+//! reporting NOT_SERVING while calls drain.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -107,6 +107,42 @@ async fn a_failed_start_closes_the_store() {
 
 fn ensure_layout(root: &Path) -> tokenvault::devpki::DevLayout {
     tokenvault::devpki::ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// The server's TLS private key gets the same check as the KEK file:
+/// readable by group or others, or owned by another user, and the vault
+/// refuses to start, naming the file and the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_key_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = ensure_layout(dir.path()).root.join("pki/server.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the dev PKI writes keys 0600");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (_, served) = serve_dev(dir.path(), std::future::pending()).await;
+    let e = served
+        .expect_err("served with a group-readable TLS key")
+        .to_string();
+    assert!(
+        e.contains("TLS private key") && e.contains("server.key") && e.contains("chmod 600"),
+        "{e}"
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if rustix::process::geteuid().is_root() {
+        let nobody = rustix::process::Uid::from_raw(65534);
+        rustix::fs::chown(&key, Some(nobody), None).unwrap();
+        let (_, served) = serve_dev(dir.path(), std::future::pending()).await;
+        let e = served
+            .expect_err("served with another user's TLS key")
+            .to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        rustix::fs::chown(&key, Some(rustix::process::geteuid()), None).unwrap();
+    }
+    let v = TestVault::start_in(dir).await;
+    drop(v.stop().await);
 }
 
 /// Health turns NOT_SERVING when shutdown begins, before the drain, so
