@@ -379,6 +379,14 @@ impl Config {
         if self.limits.request_timeout_ms == 0 {
             return bad("limits.request_timeout_ms must be at least 1".into());
         }
+        // Zero streams would admit no call at all; zero drain seconds would
+        // abandon every in-flight call at the first signal.
+        if self.limits.max_concurrent_streams == 0 {
+            return bad("limits.max_concurrent_streams must be at least 1".into());
+        }
+        if self.server.drain_seconds == 0 {
+            return bad("server.drain_seconds must be at least 1".into());
+        }
         match self.kek.source {
             KekSource::File => {}
             KekSource::Hsm => {
@@ -550,6 +558,31 @@ mod tests {
             let e = Config::load(&p, &HashMap::new()).unwrap_err().to_string();
             assert!(e.contains(needle), "{to}: {e}");
         }
+    }
+
+    #[test]
+    fn zero_streams_or_drain_seconds_are_refused_by_name() {
+        let (_d, p) = with_files();
+        for (section, needle) in [
+            (
+                "[limits]\nmax_concurrent_streams = 0",
+                "limits.max_concurrent_streams must be at least 1",
+            ),
+            (
+                "[server]\ndrain_seconds = 0",
+                "server.drain_seconds must be at least 1",
+            ),
+        ] {
+            std::fs::write(&p, format!("{BASE}\n{section}\n")).unwrap();
+            let e = Config::load(&p, &HashMap::new()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{section}: {e}");
+        }
+        std::fs::write(
+            &p,
+            format!("{BASE}\n[limits]\nmax_concurrent_streams = 1\n[server]\ndrain_seconds = 1\n"),
+        )
+        .unwrap();
+        Config::load(&p, &HashMap::new()).unwrap();
     }
 
     #[test]

@@ -261,6 +261,7 @@ pub fn ensure_dev_dir(root: &Path, listen: SocketAddr) -> Result<DevLayout, DevE
 fn write_pki(l: &DevLayout) -> Result<(), DevError> {
     let ca = DevCa::generate("tokenvault development CA")?;
     let pki = l.root.join("pki");
+    remove_unfinished_pki(&pki)?;
     let put_pub = |name: &str, s: &str| {
         let p = pki.join(name);
         write_public(&p, s.as_bytes()).map_err(io(&p))
@@ -279,6 +280,26 @@ fn write_pki(l: &DevLayout) -> Result<(), DevError> {
     }
     // The CA certificate last: its presence marks the PKI complete.
     put_pub("ca.pem", &ca.cert_pem())
+}
+
+/// Files a run interrupted before `ca.pem` left behind. They chain to a CA
+/// whose key was never kept (it lives only in memory while the PKI is
+/// made), so they are useless; and since secret files are never
+/// overwritten, they would refuse every retry.
+fn remove_unfinished_pki(pki: &Path) -> Result<(), DevError> {
+    let mut names = vec!["server.pem".to_owned(), "server.key".to_owned()];
+    for c in DEV_CLIENTS {
+        names.push(format!("clients/{}.pem", c.name));
+        names.push(format!("clients/{}.key", c.name));
+    }
+    for name in names {
+        let p = pki.join(name);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn dev_config(listen: SocketAddr) -> String {
@@ -329,6 +350,27 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }
+    }
+
+    /// `vault dev` interrupted while writing the PKI (before `ca.pem`, the
+    /// completion mark) must not fail forever on the files it did write.
+    #[test]
+    fn an_interrupted_pki_is_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("data");
+        let listen = "127.0.0.1:7443".parse().unwrap();
+        let l = ensure_dev_dir(&root, listen).unwrap();
+        let server = root.join("pki/server.pem");
+        let old_server = std::fs::read(&server).unwrap();
+        std::fs::remove_file(l.ca()).unwrap();
+        std::fs::remove_file(l.client_key("auditor")).unwrap();
+        ensure_dev_dir(&root, listen).unwrap();
+        assert!(l.ca().is_file() && l.client_key("auditor").is_file());
+        assert_ne!(
+            std::fs::read(&server).unwrap(),
+            old_server,
+            "the server certificate must be issued by the new CA"
+        );
     }
 
     #[test]

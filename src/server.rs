@@ -10,14 +10,14 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use crate::config::ProcessEnv;
 use crate::config::{Config, Env, KekSource};
 use crate::crypto::hsm::{HsmKek, HsmSettings};
-use crate::crypto::kek::KeyBytes;
-use crate::crypto::kek::{Kek, LocalKek};
+use crate::crypto::kek::{Kek, KeyBytes, LocalKek, check_private};
 use crate::crypto::shamir::{split, write_share_files};
 use crate::domain::auditing::CheckpointPolicy;
 use crate::domain::{Vault, VaultSettings};
@@ -154,12 +154,7 @@ pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, 
         return Ok(Arc::new(vault));
     }
     let kek = load_kek(cfg, env)?;
-    // Snapshot what a reload needs; the file itself is read again then.
-    let snapshot: std::collections::HashMap<String, String> = ["VAULT_KEK".to_owned()]
-        .into_iter()
-        .chain(cfg.kek.hsm.as_ref().map(|h| h.pin_env.clone()))
-        .filter_map(|k| env.get(&k).map(|v| (k, v)))
-        .collect();
+    let snapshot = ReloadEnv::capture(cfg, env);
     let reload_cfg = cfg.clone();
     let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg))
         .await?
@@ -167,6 +162,38 @@ pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, 
             load_kek(&reload_cfg, &snapshot).map_err(|e| e.to_string())
         }));
     Ok(Arc::new(vault))
+}
+
+/// The environment a KEK reload needs (`VAULT_KEK`, the HSM PIN), captured
+/// at start and kept for the life of the process, since the environment
+/// may change. The values are secrets: wiped when dropped, never printed.
+/// (The key file itself is read again at reload.)
+struct ReloadEnv(std::collections::HashMap<String, Zeroizing<String>>);
+
+impl ReloadEnv {
+    fn capture(cfg: &Config, env: &dyn Env) -> Self {
+        let names = ["VAULT_KEK".to_owned()]
+            .into_iter()
+            .chain(cfg.kek.hsm.as_ref().map(|h| h.pin_env.clone()));
+        Self(
+            names
+                .filter_map(|k| env.get(&k).map(|v| (k, Zeroizing::new(v))))
+                .collect(),
+        )
+    }
+}
+
+impl Env for ReloadEnv {
+    /// A copy for the caller to wrap at once (`load_kek`, `hsm_settings`).
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).map(|v| String::clone(v))
+    }
+}
+
+impl std::fmt::Debug for ReloadEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// Builds the new KEK named by a KEK-rotation request.
@@ -239,15 +266,45 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
     })
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets in-flight
-/// calls finish (up to the configured drain time) and closes the store so
-/// every queued write is committed before returning.
+/// Serves until `shutdown` resolves, then reports NOT_SERVING, stops
+/// accepting, lets in-flight calls finish (up to the configured drain time)
+/// and closes the store so every queued write is committed before
+/// returning. The store is closed on every way out, a failed start
+/// included, so its writer stops cleanly and its lock is released.
 pub async fn serve(
     listener: TcpListener,
     cfg: &Config,
     vault: Arc<Vault>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let served = run(listener, cfg, &vault, shutdown).await;
+    let closed = vault.store().close().await;
+    if served.is_ok() && closed.is_ok() {
+        info!("vault stopped; all acknowledged writes are committed");
+    }
+    served?;
+    Ok(closed?)
+}
+
+/// Aborts a background task when dropped, whichever way `run` returns.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Everything of [`serve`] but closing the store. Whatever can fail (the
+/// TLS material, reflection, the server settings) is done before any
+/// background task or re-encryption job starts.
+async fn run(
+    listener: TcpListener,
+    cfg: &Config,
+    vault: &Arc<Vault>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    check_private(&cfg.tls.key, "TLS private key").map_err(|e| StartError::Tls(e.to_string()))?;
     let key = Zeroizing::new(read(&cfg.tls.key)?);
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
@@ -264,41 +321,6 @@ pub async fn serve(
     let audit_svc = AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(1 << 20);
-    let checkpointer = tokio::spawn(vault.clone().run_checkpointer(CheckpointPolicy {
-        every_entries: cfg.audit.checkpoint_every_entries,
-        every: Duration::from_secs(cfg.audit.checkpoint_every_seconds),
-    }));
-
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    // Health follows the seal: a sealed vault is up but cannot serve data.
-    let mut sealed = vault.sealed_watch();
-    let follow = health.clone();
-    let health_task = tokio::spawn(async move {
-        loop {
-            let is_sealed = *sealed.borrow_and_update();
-            if is_sealed {
-                follow
-                    .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
-                    .await;
-                follow
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            } else {
-                follow
-                    .set_serving::<TokenServiceServer<TokenServiceImpl>>()
-                    .await;
-                follow
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-            }
-            if sealed.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    if !vault.is_sealed() {
-        vault.resume_jobs();
-    }
     let reflection = if cfg.server.reflection {
         Some(
             tonic_reflection::server::Builder::configure()
@@ -310,21 +332,7 @@ pub async fn serve(
     } else {
         None
     };
-
-    // Small unary calls: Nagle's algorithm would only add latency.
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        info!("shutdown requested: draining in-flight calls");
-        let _ = stop_tx.send(());
-    };
+    let (health, health_svc) = tonic_health::server::health_reporter();
     let router = Server::builder()
         .tls_config(tls)
         .map_err(|e| StartError::Tls(e.to_string()))?
@@ -336,6 +344,42 @@ pub async fn serve(
         .add_service(svc)
         .add_service(key_svc)
         .add_service(audit_svc);
+
+    // Nothing below fails before serving starts.
+    let checkpointer = AbortOnDrop(
+        tokio::spawn(vault.clone().run_checkpointer(CheckpointPolicy {
+            every_entries: cfg.audit.checkpoint_every_entries,
+            every: Duration::from_secs(cfg.audit.checkpoint_every_seconds),
+        }))
+        .abort_handle(),
+    );
+    let follow_seal = tokio::spawn(follow_seal(vault.sealed_watch(), health.clone()));
+    let _follow_guard = AbortOnDrop(follow_seal.abort_handle());
+    if !vault.is_sealed() {
+        vault.resume_jobs();
+    }
+
+    // Small unary calls: Nagle's algorithm would only add latency.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = health.clone();
+    let signal = async move {
+        shutdown.await;
+        // Before the drain, so load balancers stop sending new calls while
+        // the in-flight ones finish. The seal follower is stopped (and
+        // awaited) first, so it cannot report SERVING again.
+        follow_seal.abort();
+        let _ = follow_seal.await;
+        report_not_serving(&reporter).await;
+        info!("shutdown requested: reporting NOT_SERVING, draining in-flight calls");
+        let _ = stop_tx.send(());
+    };
     let serving = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serving);
     let drain = Duration::from_secs(cfg.server.drain_seconds);
@@ -353,11 +397,8 @@ pub async fn serve(
             Ok(())
         }
     };
-    health_task.abort();
-    checkpointer.abort();
-    health
-        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
-        .await;
+    drop(checkpointer);
+    report_not_serving(&health).await;
     // The last word before stopping: a signed checkpoint of the final head.
     if !vault.is_sealed() {
         match vault.checkpoint_now().await {
@@ -366,9 +407,36 @@ pub async fn serve(
             Err(e) => warn!(error = %e, "audit checkpoint at shutdown failed"),
         }
     }
-    vault.store().close().await?;
-    info!("vault stopped; all acknowledged writes are committed");
     result
+}
+
+/// Health follows the seal: a sealed vault is up but cannot serve data.
+async fn follow_seal(mut sealed: tokio::sync::watch::Receiver<bool>, health: HealthReporter) {
+    loop {
+        let is_sealed = *sealed.borrow_and_update();
+        if is_sealed {
+            report_not_serving(&health).await;
+        } else {
+            health
+                .set_serving::<TokenServiceServer<TokenServiceImpl>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        if sealed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn report_not_serving(health: &HealthReporter) {
+    health
+        .set_not_serving::<TokenServiceServer<TokenServiceImpl>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 }
 
 /// Resolves on SIGTERM or SIGINT. The SIGTERM handler is installed when
@@ -387,5 +455,60 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             return;
         }
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::collections::HashMap;
+
+    fn hsm_config() -> Config {
+        Config::parse(
+            r#"
+            listen = "127.0.0.1:7443"
+            [tls]
+            cert = "c"
+            key = "k"
+            client_ca = "ca"
+            [storage]
+            path = "v.db"
+            [kek]
+            source = "hsm"
+            [kek.hsm]
+            module = "m.so"
+            token_label = "t"
+            key_label = "k"
+            pin_env = "PIN"
+            "#,
+        )
+        .unwrap()
+    }
+
+    /// The reload snapshot holds `VAULT_KEK` and the HSM PIN for the life
+    /// of the process: it used to keep them as plain `String`s, never
+    /// wiped. Its values must be wiped on drop, and it must not print them.
+    #[test]
+    fn the_reload_snapshot_wipes_and_hides_its_secrets() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let env: HashMap<String, String> = [
+            ("VAULT_KEK".to_owned(), "a2VrLWJhc2U2NA==".to_owned()),
+            ("PIN".to_owned(), "pin-1234".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ]
+        .into();
+        let snap = ReloadEnv::capture(&hsm_config(), &env);
+        for v in snap.0.values() {
+            wiped_on_drop(v);
+        }
+        assert_eq!(snap.get("VAULT_KEK").as_deref(), Some("a2VrLWJhc2U2NA=="));
+        assert_eq!(snap.get("PIN").as_deref(), Some("pin-1234"));
+        assert_eq!(snap.get("OTHER"), None, "only what a reload needs is kept");
+        let shown = format!("{snap:?}");
+        assert!(
+            !shown.contains("a2Vr") && !shown.contains("1234"),
+            "{shown}"
+        );
     }
 }

@@ -893,6 +893,30 @@ async fn the_database_refuses_updates_and_deletes_of_audit_rows_and_checkpoints(
     assert!(r.stdout.contains("VERIFIED"), "{r}");
 }
 
+/// The writer continues the chain from the last row's chain hash. With that
+/// hash gone it used to restart from genesis silently, so every later entry
+/// would chain onto nothing; the vault must refuse to start instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vault_whose_audit_chain_head_is_missing_refuses_to_start() {
+    let v = TestVault::start().await;
+    let db = v.db_path();
+    let data = v.stop().await;
+    sql(
+        &db,
+        &format!(
+            "{DROP_AUDIT_TRIGGERS}
+             UPDATE audit SET chain_hash = NULL WHERE seq = (SELECT MAX(seq) FROM audit);"
+        ),
+    );
+    let before = audit_rows(&db).len();
+    let Err((_data, e)) = TestVault::try_start_in(data, &[]).await else {
+        panic!("a vault with no audit chain head started");
+    };
+    let e = e.to_string();
+    assert!(e.contains("audit chain head is missing"), "{e}");
+    assert_eq!(audit_rows(&db).len(), before, "nothing may be appended");
+}
+
 // ---------------------------------------------------------------------------
 // The verifier's independence.
 

@@ -56,4 +56,5 @@ conformance!(Sqlite::new() =>
     deleted_row_never_reads_back,
     token_counts_follow_writes,
     destroy_only_unreferenced_decrypt_only_keys,
+    batch_for_a_stopped_job_fails_alone,
 );

@@ -35,17 +35,19 @@ async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<()
         memory_locked = cfg.server.lock_memory,
         "process hardened: core dumps off, not dumpable"
     );
-    let vault = open_configured(&cfg, &ProcessEnv).await?;
-    let shutdown = shutdown_signal();
-    if vault.is_sealed() {
-        tracing::warn!("vault is sealed: custodians must submit their shares (vault unseal)");
-    }
+    // Bound before the store is opened: from the open on, every way out
+    // goes through `serve`, which closes the store.
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| StartError::Serve(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Serve(e.to_string()))?;
+    let vault = open_configured(&cfg, &ProcessEnv).await?;
+    let shutdown = shutdown_signal();
+    if vault.is_sealed() {
+        tracing::warn!("vault is sealed: custodians must submit their shares (vault unseal)");
+    }
     tracing::info!(%addr, "vault serving (mutual TLS)");
     announce(addr);
     println!("listening on {addr}");

@@ -102,7 +102,7 @@ impl LocalKek {
 
     /// Loads a key file, refusing one that others can read.
     pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
-        check_private(path)?;
+        check_private(path, "KEK file")?;
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
             CryptoError::Key(format!("cannot read KEK file {}: {e}", path.display()))
         })?);
@@ -124,22 +124,34 @@ fn unreachable_hmac() -> Hmac<Sha256> {
     unreachable!("HMAC-SHA256 accepts any key length")
 }
 
+/// Refuses a secret file (`what` names it in the error) that another
+/// account could read or change: one with any group or other permission
+/// bit, or one not owned by the user this process runs as (its owner could
+/// widen the mode, or replace the key, at any time).
 #[cfg(unix)]
-fn check_private(path: &Path) -> Result<(), CryptoError> {
-    use std::os::unix::fs::PermissionsExt;
+pub fn check_private(path: &Path, what: &str) -> Result<(), CryptoError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(path)
-        .map_err(|e| CryptoError::Key(format!("cannot read KEK file {}: {e}", path.display())))?;
+        .map_err(|e| CryptoError::Key(format!("cannot read {what} {}: {e}", path.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(CryptoError::Key(format!(
-            "KEK file {} is readable by group or others; chmod 600 it",
+            "{what} {} is readable by group or others; chmod 600 it",
             path.display()
+        )));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(CryptoError::Key(format!(
+            "{what} {} is owned by uid {}, not by the vault's user (uid {euid}); chown it",
+            path.display(),
+            meta.uid()
         )));
     }
     Ok(())
 }
 
 #[cfg(not(unix))]
-fn check_private(_: &Path) -> Result<(), CryptoError> {
+pub fn check_private(_: &Path, _: &str) -> Result<(), CryptoError> {
     Ok(())
 }
 
@@ -248,5 +260,37 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(LocalKek::from_file(&p).is_err());
         assert!(LocalKek::generate_file(&p).is_err(), "must not overwrite");
+    }
+
+    #[test]
+    fn a_secret_file_must_be_owned_by_the_vault_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("server.key");
+        crate::fsutil::write_private(&p, b"x").unwrap();
+        check_private(&p, "TLS key").unwrap();
+        // Hand it to another user (possible here only as root, as in CI).
+        if rustix::process::geteuid().is_root() {
+            let nobody = rustix::process::Uid::from_raw(65534);
+            rustix::fs::chown(&p, Some(nobody), None).unwrap();
+            let e = check_private(&p, "TLS key").unwrap_err().to_string();
+            assert!(
+                e.contains("owned by uid 65534") && e.contains("TLS key"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_refusal_names_the_file_and_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("server.key");
+        crate::fsutil::write_private(&p, b"x").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = check_private(&p, "TLS key").unwrap_err().to_string();
+        assert!(
+            e.contains("TLS key") && e.contains("server.key") && e.contains("chmod 600"),
+            "{e}"
+        );
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use aes_gcm::Aes256Gcm;
 
@@ -156,6 +156,18 @@ pub fn dek_aad(tenant: &str, id: u32, version: u32) -> Vec<u8> {
     aad
 }
 
+/// The maps' locks are never given up on: a panic elsewhere while one was
+/// held (which poisons it) must not stop a destroyed key from being removed
+/// or a retired key from leaving the active map, and each change below is
+/// a single map operation, so the maps stay coherent through a panic.
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// All unwrapped DEKs, by id, and which one is active per tenant.
 pub struct KeyRing {
     kek: RwLock<Arc<dyn Kek>>,
@@ -166,7 +178,7 @@ pub struct KeyRing {
 
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.by_id.read().map(|m| m.len()).unwrap_or(0);
+        let n = read(&self.by_id).len();
         f.debug_struct("KeyRing")
             .field("kek", &self.kek().id())
             .field("deks", &n)
@@ -188,18 +200,12 @@ impl KeyRing {
 
     /// The current KEK.
     pub fn kek(&self) -> Arc<dyn Kek> {
-        match self.kek.read() {
-            Ok(k) => k.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.kek).clone()
     }
 
     /// Switches to a new KEK after every DEK was re-wrapped under it.
     pub fn set_kek(&self, kek: Arc<dyn Kek>) {
-        match self.kek.write() {
-            Ok(mut k) => *k = kek,
-            Err(p) => *p.into_inner() = kek,
-        }
+        *write(&self.kek) = kek;
     }
 
     /// Unwraps a stored DEK's key bytes (for re-wrapping under a new KEK).
@@ -249,13 +255,9 @@ impl KeyRing {
 
     pub fn install(&self, dk: DataKey) -> Arc<DataKey> {
         let dk = Arc::new(dk);
-        if let Ok(mut m) = self.by_id.write() {
-            m.insert(dk.id, dk.clone());
-        }
-        if dk.state() == DekState::Active
-            && let Ok(mut m) = self.active.write()
-        {
-            m.insert(dk.tenant.clone(), dk.clone());
+        write(&self.by_id).insert(dk.id, dk.clone());
+        if dk.state() == DekState::Active {
+            write(&self.active).insert(dk.tenant.clone(), dk.clone());
         }
         dk
     }
@@ -265,33 +267,33 @@ impl KeyRing {
     pub fn retire(&self, id: u32) {
         let Some(dk) = self.get(id) else { return };
         dk.set_state(DekState::DecryptOnly);
-        if let Ok(mut m) = self.active.write()
-            && m.get(&dk.tenant).is_some_and(|a| a.id == id)
-        {
-            m.remove(&dk.tenant);
-        }
+        self.deactivate(&dk);
     }
 
     /// Drops a destroyed key. The cipher's key schedule is wiped when the
     /// last in-flight user lets go of it.
     pub fn remove(&self, id: u32) {
-        let removed = self.by_id.write().ok().and_then(|mut m| m.remove(&id));
+        let removed = write(&self.by_id).remove(&id);
         if let Some(dk) = removed {
             dk.set_state(DekState::Destroyed);
-            if let Ok(mut m) = self.active.write()
-                && m.get(&dk.tenant).is_some_and(|a| a.id == id)
-            {
-                m.remove(&dk.tenant);
-            }
+            self.deactivate(&dk);
+        }
+    }
+
+    /// Removes `dk` from the active map if it is its tenant's active key.
+    fn deactivate(&self, dk: &DataKey) {
+        let mut m = write(&self.active);
+        if m.get(&dk.tenant).is_some_and(|a| a.id == dk.id) {
+            m.remove(&dk.tenant);
         }
     }
 
     pub fn active_for(&self, tenant: &str) -> Option<Arc<DataKey>> {
-        self.active.read().ok()?.get(tenant).cloned()
+        read(&self.active).get(tenant).cloned()
     }
 
     pub fn get(&self, id: u32) -> Option<Arc<DataKey>> {
-        self.by_id.read().ok()?.get(&id).cloned()
+        read(&self.by_id).get(&id).cloned()
     }
 }
 
@@ -353,6 +355,49 @@ mod tests {
         assert!(r.load(&bumped).is_err());
         r.load(&w).unwrap();
         assert!(r.active_for("acme").is_some());
+    }
+
+    /// Poisons `l` by panicking on another thread while holding it.
+    fn poison<T: Send + Sync>(l: &RwLock<T>) {
+        std::thread::scope(|s| {
+            let _ = s
+                .spawn(|| {
+                    let _held = l.write().unwrap();
+                    panic!("poisoning the lock on purpose");
+                })
+                .join();
+        });
+        assert!(l.is_poisoned());
+    }
+
+    /// With a poisoned lock, `remove` used to do nothing (a destroyed key
+    /// kept decrypting) and `retire` could leave the old key active.
+    #[test]
+    fn a_poisoned_lock_does_not_stop_removal_or_retirement() {
+        let r = ring();
+        let (dk, w) = r.generate("acme", 1, 1, 0).unwrap();
+        drop(dk);
+        r.load(&w).unwrap();
+        let (dk2, w2) = r.generate("globex", 2, 1, 0).unwrap();
+        drop(dk2);
+        r.load(&w2).unwrap();
+        poison(&r.by_id);
+        poison(&r.active);
+
+        let held = r
+            .get(1)
+            .expect("keys stay readable through a poisoned lock");
+        r.remove(1);
+        assert!(r.get(1).is_none(), "a destroyed key is still in the ring");
+        assert_eq!(held.state(), DekState::Destroyed);
+        assert!(r.active_for("acme").is_none());
+
+        r.retire(2);
+        assert!(
+            r.active_for("globex").is_none(),
+            "a retired key is still active"
+        );
+        assert_eq!(r.get(2).unwrap().state(), DekState::DecryptOnly);
     }
 
     #[test]

@@ -554,3 +554,52 @@ pub async fn destroy_only_unreferenced_decrypt_only_keys<B: Backend>(b: &B) -> C
         format!("a token was stored under a destroyed key: {refused:?}"),
     )
 }
+
+/// Re-encrypting for a job that is no longer running is refused alone: it
+/// moves no row, and writes committed alongside it still succeed.
+pub async fn batch_for_a_stopped_job_fails_alone<B: Backend>(b: &B) -> CheckResult {
+    use crate::domain::store::{JobState, Reencrypted};
+    let s = b.open().await;
+    ok(insert_key_1(&*s).await, "dek")?;
+    let moved = token(60);
+    ok(tokenize(&*s, moved).await, "insert")?;
+    let id = start_job(&*s, 1).await?;
+    ok(
+        s.finish_job(
+            id,
+            JobState::Completed,
+            None,
+            event(AuditAction::ReencryptComplete, None),
+        )
+        .await,
+        "finish job",
+    )?;
+    let mut tasks = Vec::new();
+    for i in 0..40u8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            if i == 20 {
+                let row = Reencrypted {
+                    token: moved,
+                    old_dek: 1,
+                    new_dek: 2,
+                    ciphertext: vec![9; 8],
+                };
+                s.reencrypt_batch(id, vec![row], None).await.map(|_| ())
+            } else {
+                tokenize(&*s, token(150 + i)).await
+            }
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let res = t.await.map_err(|e| format!("task: {e}"))?;
+        match (i, res) {
+            (20, Err(StoreError::Precondition(m))) if m.contains("not running") => {}
+            (20, other) => return Err(format!("batch for a finished job: {other:?}")),
+            (_, Err(e)) => return Err(format!("innocent tokenize {i} failed: {e}")),
+            (_, Ok(())) => {}
+        }
+    }
+    let row = ok(s.get_token(&moved).await, "read")?.ok_or("row vanished")?;
+    ensure(row.dek_id == 1, "a refused batch moved a row")
+}

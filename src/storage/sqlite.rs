@@ -78,6 +78,8 @@ pub struct SqliteStore {
     cache: Arc<TokenCache>,
     /// Batches the writer has committed (see `WriterState::commits`).
     commits: Arc<AtomicU64>,
+    /// The exclusive lock on `<db>.lock`, held until `close` (or drop).
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -101,12 +103,15 @@ pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// How long a connection waits for a lock another holds before "busy".
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Settings every connection gets. `temp_store=MEMORY` keeps sorts and
 /// temporary tables out of temp files. (Memory-mapped I/O was measured and
 /// rejected: with WAL and frequent checkpoints it made detokenize ~25 %
 /// slower here; see BENCHMARKS.md.)
 fn common_pragmas(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(())
@@ -133,6 +138,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates it to the
     /// current schema and starts the writer.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<Self, StoreError> {
+        let lock = lock_exclusive(path)?;
         create_private(path).map_err(unavailable)?;
         let mut conn = Connection::open(path).map_err(unavailable)?;
         common_pragmas(&conn).map_err(unavailable)?;
@@ -162,7 +168,7 @@ impl SqliteStore {
         }
 
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
-        let state = writer::WriterState::load(&conn).map_err(unavailable)?;
+        let state = writer::WriterState::load(&conn)?;
         let max_batch = opts.max_batch.max(1);
         let cache = Arc::new(TokenCache::new(opts.cache_entries));
         let writer_cache = cache.clone();
@@ -180,6 +186,7 @@ impl SqliteStore {
             next_reader: AtomicUsize::new(0),
             cache,
             commits,
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -233,6 +240,45 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         f(&conn).map_err(map_err)
+    }
+}
+
+/// The lock file beside the database: `<db>.lock`.
+fn lock_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Takes an exclusive advisory lock on `<db>.lock`, without waiting. The
+/// writer keeps the audit sequence and chain head in memory (see
+/// `WriterState`), so a second writing process on the same database would
+/// make both stale and fork the chain; it is refused here instead. The lock
+/// goes with the file (the kernel drops it if the process dies, so a crash
+/// leaves nothing to clean up). Read-only tools (`offline.rs`) take no
+/// lock and still open a running vault's database.
+fn lock_exclusive(db: &Path) -> Result<std::fs::File, StoreError> {
+    use rustix::fs::{FlockOperation, flock};
+    let path = lock_path(db);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let file = opts
+        .open(&path)
+        .map_err(|e| unavailable(format!("cannot open lock file {}: {e}", path.display())))?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(unavailable(format!(
+            "database {} is in use by another vault process (lock {} is held); \
+             stop that process first",
+            db.display(),
+            path.display()
+        ))),
+        Err(e) => Err(unavailable(format!("cannot lock {}: {e}", path.display()))),
     }
 }
 
@@ -708,6 +754,13 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         }
+        // The writer is gone: another process may now open the database.
+        drop(
+            self.lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
         debug!(path = %self.path.display(), "sqlite store closed");
         Ok(())
     }
@@ -718,6 +771,98 @@ mod tests {
     use super::*;
     use crate::domain::audit::AuditAction;
     use crate::storage::conformance::{dek, event, record, token};
+
+    fn wal_len(db: &Path) -> u64 {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// A reader holding an old snapshot keeps the WAL from being truncated
+    /// after an erasure. That used to stall the writer (and so every write)
+    /// for up to ~100 s; now the delete is answered at once and the
+    /// truncation follows when the reader lets go, with no further write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_reader_delays_the_wal_truncation_not_the_delete() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v.db");
+        let s = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+        for n in 1..=3 {
+            let t = token(n);
+            s.insert_token(record(t, "acme"), event(AuditAction::Tokenize, Some(t)))
+                .await
+                .expect("insert");
+        }
+        let reader =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM tokens", [], |r| r.get(0))
+            .expect("snapshot");
+        assert_eq!(n, 3);
+
+        let started = std::time::Instant::now();
+        let t = token(1);
+        let deleted = s
+            .delete_token(&t, "acme", event(AuditAction::DeleteToken, Some(t)))
+            .await
+            .expect("delete");
+        let took = started.elapsed();
+        assert!(deleted);
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "the delete waited {took:?} for the reader"
+        );
+        assert!(wal_len(&path) > 0, "the reader's snapshot holds the WAL");
+
+        reader.execute_batch("COMMIT").expect("end the read");
+        drop(reader);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wal_len(&path) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was not truncated after the reader finished"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        s.close().await.expect("close");
+    }
+
+    /// Two processes writing one database would each keep their own audit
+    /// sequence and chain head. The second open is refused, naming the
+    /// database; read-only offline tools still open it; after `close` the
+    /// database may be opened again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_writer_on_the_same_database_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v.db");
+        let s = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+        s.append_audit(event(AuditAction::Detokenize, None))
+            .await
+            .expect("write");
+        let e = SqliteStore::open(&path, SqliteOptions::default())
+            .expect_err("a second open must be refused")
+            .to_string();
+        assert!(
+            e.contains("in use by another vault process")
+                && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+        let (entries, _, _) = read_audit_offline(&path).expect("offline read while open");
+        assert_eq!(entries.len(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(lock_path(&path))
+                .expect("lock file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        s.close().await.expect("close");
+        let again = SqliteStore::open(&path, SqliteOptions::default()).expect("reopen after close");
+        again.close().await.expect("close");
+    }
 
     /// The reference scan behind a destroy runs outside the writer. A token
     /// put under the key after the scan's snapshot (a tokenize that picked

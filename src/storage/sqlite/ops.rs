@@ -375,6 +375,18 @@ fn reencrypt(
     if rows.iter().any(|r| ctx.is_destroyed(r.new_dek)) {
         return Err(rejected("the target data key was destroyed"));
     }
+    // Checked before any row is touched, so a finished or failed job is
+    // refused alone instead of rolling back the batch it shares with
+    // unrelated writes.
+    let state: Option<String> = tx
+        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+        .query_row(params![to_i64(job)], |r| r.get(0))
+        .optional()?;
+    match state.as_deref() {
+        Some("running") => {}
+        Some(other) => return Err(rejected(format!("job {job} is not running ({other})"))),
+        None => return Err(rejected(format!("no job {job}"))),
+    }
     let mut applied = 0u64;
     let mut st = tx.prepare_cached(
         "UPDATE tokens SET dek_id = ?3, ciphertext = ?4 WHERE token = ?1 AND dek_id = ?2",
@@ -408,8 +420,9 @@ fn reencrypt(
         ])
         .map_err(fatal)?;
     if n != 1 {
-        return Err(OpError::Fatal(StoreError::Precondition(format!(
-            "job {job} is not running"
+        // Only the writer changes jobs, and it found this one running above.
+        return Err(OpError::Fatal(StoreError::Corrupt(format!(
+            "job {job} stopped running mid-request"
         ))));
     }
     Ok(Done::Count(applied))

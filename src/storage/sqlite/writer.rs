@@ -10,14 +10,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::cache::TokenCache;
-use super::map_err;
 use super::ops::{self, OpError};
+use super::{BUSY_TIMEOUT, map_err};
 use crate::domain::audit::{AuditEvent, Checkpoint};
 use crate::domain::store::{
     JobRecord, JobState, KekCheck, Reencrypted, StoreError, StoredSigningKey, TokenRecord,
@@ -101,40 +102,58 @@ pub struct WriterState {
     /// outside the writer: the key stays unreferenced if nothing was put
     /// under it after the scan's snapshot.
     pub last_added: HashMap<u32, u64>,
+    /// Erased rows may still have page images in the WAL: a truncation was
+    /// held back by a reader and is retried (see `truncate_wal`).
+    pub pending_truncate: bool,
 }
 
 impl WriterState {
-    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
-        let max: i64 =
-            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
-        let head: Option<Vec<u8>> = conn
+    /// Reads the audit head and the destroyed keys. The chain continues
+    /// from the last entry's chain hash; a last entry without a usable one
+    /// is refused rather than restarted from genesis, which would make
+    /// every later entry verify against nothing (fail closed).
+    pub fn load(conn: &Connection) -> Result<Self, StoreError> {
+        let last: Option<(i64, Option<Vec<u8>>)> = conn
             .query_row(
-                "SELECT chain_hash FROM audit ORDER BY seq DESC LIMIT 1",
+                "SELECT seq, chain_hash FROM audit ORDER BY seq DESC LIMIT 1",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?
-            .flatten();
-        let chain_head = match head {
-            None => crate::audit::chain::GENESIS,
-            Some(h) => h.try_into().map_err(|_| {
-                rusqlite::Error::InvalidColumnType(
-                    0,
-                    "chain_hash".into(),
-                    rusqlite::types::Type::Blob,
-                )
-            })?,
+            .optional()
+            .map_err(map_err)?;
+        let (last_seq, chain_head) = match last {
+            None => (0, crate::audit::chain::GENESIS),
+            Some((seq, None)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "audit chain head is missing: the last audit entry (seq {seq}) has no \
+                     chain hash; refusing to open rather than restart the chain"
+                )));
+            }
+            Some((seq, Some(h))) => {
+                let len = h.len();
+                let head = <[u8; 32]>::try_from(h).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "audit chain head is broken: the last audit entry (seq {seq}) has a \
+                         {len}-byte chain hash, not 32"
+                    ))
+                })?;
+                (seq, head)
+            }
         };
-        let mut st = conn.prepare("SELECT id FROM deks WHERE state = 'destroyed'")?;
+        let mut st = conn
+            .prepare("SELECT id FROM deks WHERE state = 'destroyed'")
+            .map_err(map_err)?;
         let destroyed = st
-            .query_map([], |r| r.get::<_, u32>(0))?
-            .collect::<rusqlite::Result<HashSet<u32>>>()?;
+            .query_map([], |r| r.get::<_, u32>(0))
+            .and_then(Iterator::collect::<rusqlite::Result<HashSet<u32>>>)
+            .map_err(map_err)?;
         Ok(Self {
-            next_seq: u64::try_from(max).unwrap_or(0) + 1,
+            next_seq: u64::try_from(last_seq).unwrap_or(0) + 1,
             chain_head,
             destroyed,
             commits: 0,
             last_added: HashMap::new(),
+            pending_truncate: false,
         })
     }
 }
@@ -183,10 +202,13 @@ pub fn run(
     cache: &TokenCache,
     commits: &AtomicU64,
 ) {
+    // A WAL left by a process that died with a truncation pending may
+    // still hold erased pages.
+    truncate_wal(&conn, &mut state, true);
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     let mut closing = false;
     while !closing {
-        let Some(first) = rx.blocking_recv() else {
+        let Some(first) = next_job(&mut rx, &conn, &mut state) else {
             break;
         };
         batch.push(first);
@@ -209,8 +231,44 @@ pub fn run(
     while let Ok(late) = rx.try_recv() {
         late.answer(Err(StoreError::Unavailable("store is closed".into())));
     }
-    truncate_wal(&conn);
+    // The closing checkpoint, whether or not anything was erased.
+    truncate_wal(&conn, &mut state, true);
+    if state.pending_truncate {
+        warn!(
+            "closing with the WAL truncation still held back by a reader: erased rows' \
+             old page images stay in the WAL until the next start"
+        );
+    }
     info!("sqlite writer stopped");
+}
+
+/// How often a held-back WAL truncation is retried while no write comes.
+const TRUNCATE_RETRY_EVERY: Duration = Duration::from_millis(50);
+
+/// Waits for the next request. While a truncation is pending it wakes every
+/// `TRUNCATE_RETRY_EVERY` to retry it, so erased pages leave the WAL soon
+/// after the reader that held them finishes, even if no write follows.
+fn next_job(
+    rx: &mut mpsc::Receiver<Job>,
+    conn: &Connection,
+    state: &mut WriterState,
+) -> Option<Job> {
+    while state.pending_truncate {
+        let deadline = std::time::Instant::now() + TRUNCATE_RETRY_EVERY;
+        loop {
+            match rx.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        truncate_wal(conn, state, false);
+    }
+    rx.blocking_recv()
 }
 
 /// Brings the token cache in line with what this batch committed, before
@@ -234,28 +292,81 @@ fn update_cache(cache: &TokenCache, batch: &[Job], results: &[Result<Done, Store
     }
 }
 
+/// Tries at most this many times, `TRUNCATE_PAUSE` apart, on the writer's
+/// path: about 10 ms of waiting at worst, where every write is held up.
+const TRUNCATE_ATTEMPTS: u32 = 3;
+const TRUNCATE_PAUSE: Duration = Duration::from_millis(4);
+
 /// Checkpoints the WAL into the database and truncates it, so erased rows'
-/// old page images do not linger there. A reader holding an old snapshot
-/// makes the checkpoint report "busy"; readers are brief, so retry a little.
-fn truncate_wal(conn: &Connection) {
-    for attempt in 0..20 {
-        match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
-            Ok(0) => return,
-            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(5 * (attempt + 1))),
-            Err(e) => {
-                warn!(error = %e, "WAL checkpoint failed");
-                return;
+/// old page images do not linger there. `erased` says the WAL may hold
+/// erased pages now (a batch just erased something, or the writer is
+/// starting or closing); otherwise this only retries a pending truncation.
+///
+/// A reader holding a snapshot older than the last commit makes the
+/// checkpoint "busy". Waiting for it here would hold up every write (the
+/// busy handler alone waits 5 s, and a re-encryption count scan can take far
+/// longer), so the wait is bounded: no busy handler, a few short retries.
+/// If the reader is still there, the truncation stays pending and is
+/// retried after later commits, while the writer is idle, and at close.
+fn truncate_wal(conn: &Connection, state: &mut WriterState, erased: bool) {
+    if !erased && !state.pending_truncate {
+        return;
+    }
+    let was_pending = state.pending_truncate;
+    // Right after an erasure a few short retries; a retry of a pending one
+    // gets a single try, so a long reader does not slow every commit.
+    let attempts = if erased { TRUNCATE_ATTEMPTS } else { 1 };
+    match checkpoint_truncate(conn, attempts) {
+        Ok(true) => {
+            state.pending_truncate = false;
+            if was_pending {
+                info!("deferred WAL truncation done: erased rows' old page images are gone");
+            }
+        }
+        Ok(false) => {
+            state.pending_truncate = true;
+            if !was_pending {
+                warn!(
+                    "WAL truncation deferred: a reader holds an older snapshot; erased rows' \
+                     old page images stay in the WAL until it finishes"
+                );
+            }
+        }
+        Err(e) => {
+            state.pending_truncate = true;
+            if !was_pending {
+                warn!(error = %e, "WAL checkpoint failed; it will be retried");
             }
         }
     }
-    warn!("WAL checkpoint stayed busy; erased pages remain in the WAL until the next one");
+}
+
+/// Up to `attempts` tries without a busy handler: `Ok(true)` once the WAL
+/// is checkpointed and truncated, `Ok(false)` if a reader kept it busy.
+fn checkpoint_truncate(conn: &Connection, attempts: u32) -> rusqlite::Result<bool> {
+    conn.busy_timeout(Duration::ZERO)?;
+    let mut result = Ok(false);
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            std::thread::sleep(TRUNCATE_PAUSE);
+        }
+        result = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|busy| busy == 0);
+        if !matches!(result, Ok(false)) {
+            break;
+        }
+    }
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    result
 }
 
 /// Commits one batch and answers its requests. A batch that erased data
 /// truncates the WAL before answering, so an acknowledged destruction is
-/// gone from every file.
+/// gone from every file, unless a reader holds the WAL (see
+/// `truncate_wal`).
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Job>,
@@ -297,9 +408,7 @@ fn commit_batch(
                 state.last_added.insert(id, state.commits);
             }
             commits.store(state.commits, Ordering::Release);
-            if erased {
-                truncate_wal(conn);
-            }
+            truncate_wal(conn, state, erased);
             update_cache(cache, batch, &results);
             for (job, res) in batch.drain(..).zip(results) {
                 job.answer(res);
@@ -325,6 +434,7 @@ mod tests {
             destroyed: HashSet::new(),
             commits: 10,
             last_added: last_added.iter().copied().collect(),
+            pending_truncate: false,
         }
     }
 
@@ -339,6 +449,121 @@ mod tests {
         assert!(!c.added_since(2, 6));
         // Never added under since this process started: scans are trusted.
         assert!(!c.added_since(3, 0));
+    }
+
+    fn migrated() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut c = Connection::open(dir.path().join("v.db")).expect("open");
+        super::super::schema::migrate(&mut c).expect("migrate");
+        (dir, c)
+    }
+
+    fn job(op: Op) -> (Job, oneshot::Receiver<Answer>) {
+        let (reply, rx) = oneshot::channel();
+        (Job { op, reply }, rx)
+    }
+
+    fn answer(rx: &mut oneshot::Receiver<Answer>) -> Result<Done, StoreError> {
+        rx.try_recv().expect("answered").0
+    }
+
+    /// A re-encryption batch for a job that is no longer running used to
+    /// be fatal and roll back every write in its group commit.
+    #[test]
+    fn a_batch_for_a_stopped_job_fails_alone_in_its_group_commit() {
+        use crate::domain::audit::AuditAction;
+        use crate::domain::store::Reencrypted;
+        use crate::storage::conformance::{event, record, token};
+        let (_dir, mut conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO jobs (id, kind, tenant, state, total, created_ms, updated_ms, actor,
+                               reason)
+             VALUES (7, 'reencrypt', 'acme', 'completed', 1, 0, 0, 'a', 'r')",
+        )
+        .expect("job");
+        let mut state = WriterState::load(&conn).expect("load");
+        let insert = |n: u8| {
+            let t = token(n);
+            Op::InsertToken(
+                std::sync::Arc::new(record(t, "acme")),
+                event(AuditAction::Tokenize, Some(t)),
+            )
+        };
+        let moved = Reencrypted {
+            token: token(1),
+            old_dek: 1,
+            new_dek: 2,
+            ciphertext: vec![9; 8],
+        };
+        let (a, mut ra) = job(insert(1));
+        let (b, mut rb) = job(Op::ReencryptBatch(7, vec![moved], None));
+        let (c, mut rc) = job(insert(2));
+        let mut batch = vec![a, b, c];
+        let cache = TokenCache::new(0);
+        commit_batch(
+            &mut conn,
+            &mut batch,
+            &mut state,
+            &cache,
+            &AtomicU64::new(0),
+        );
+        assert!(answer(&mut ra).is_ok());
+        let refused = answer(&mut rb);
+        assert!(
+            matches!(&refused, Err(StoreError::Precondition(m)) if m.contains("job 7 is not running")),
+            "{refused:?}"
+        );
+        assert!(answer(&mut rc).is_ok());
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM tokens WHERE dek_id = 1", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(n, 2, "both tokens committed, neither moved");
+    }
+
+    /// A last audit row without a chain hash used to restart the chain from
+    /// genesis; now the store refuses to open.
+    #[test]
+    fn a_missing_chain_head_is_refused() {
+        let (_dir, conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO audit (seq, time_ms, actor, action, outcome, chain_hash)
+             VALUES (1, 0, 'a', 'x', 'success', zeroblob(32));
+             INSERT INTO audit (seq, time_ms, actor, action, outcome) VALUES (2, 0, 'a', 'x', 'success');",
+        )
+        .expect("rows");
+        let Err(e) = WriterState::load(&conn) else {
+            panic!("opened with a broken chain head");
+        };
+        assert!(
+            matches!(&e, StoreError::Corrupt(m) if m.contains("audit chain head is missing") && m.contains("seq 2")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_chain_head_is_refused() {
+        let (_dir, conn) = migrated();
+        conn.execute_batch(
+            "INSERT INTO audit (seq, time_ms, actor, action, outcome, chain_hash)
+             VALUES (1, 0, 'a', 'x', 'success', zeroblob(31));",
+        )
+        .expect("row");
+        let Err(e) = WriterState::load(&conn) else {
+            panic!("opened with a broken chain head");
+        };
+        assert!(e.to_string().contains("31-byte chain hash"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_log_starts_from_genesis() {
+        let (_dir, conn) = migrated();
+        let st = WriterState::load(&conn).expect("load");
+        assert_eq!(
+            (st.next_seq, st.chain_head),
+            (1, crate::audit::chain::GENESIS)
+        );
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! Start-up and shutdown of the server: one vault per database, secret
+//! files checked before use, the store closed on every way out, and health
+//! reporting NOT_SERVING while calls drain.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::calls::call;
+use common::cards::visa_pan;
+use common::process::VaultProc;
+use common::*;
+use tokenvault::client::{ClientPki, channel, connect};
+use tokenvault::domain::Vault;
+use tokenvault::domain::audit::{AuditAction, AuditEvent};
+use tokenvault::proto::TokenizeRequest;
+use tokenvault::server::{StartError, open_configured, serve};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn tokenize_once(url: &str, pki: &ClientPki) {
+    let mut c = connect(url, pki).await.unwrap();
+    let t = call(c.tokenize(TokenizeRequest {
+        pan: visa_pan(7_000_000, 1),
+        expiry: None,
+    }))
+    .await
+    .unwrap();
+    assert!(t.token.starts_with("tok_"));
+}
+
+/// A second vault on the same data directory would keep its own audit
+/// sequence and chain head and fork the chain. It must refuse to start,
+/// naming the database, while the first keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_vault_on_the_same_database_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let logs = tmp.path().join("logs");
+    let first = VaultProc::start(&data, &logs, "first", "info");
+    let checkout = ClientPki::from_dev_dir(&data, ACME_CHECKOUT).unwrap();
+    tokenize_once(&first.url(), &checkout).await;
+
+    let Err(stderr) = VaultProc::try_start_via(&[], &data, &logs, "second", "info") else {
+        panic!("a second vault started on the same database");
+    };
+    let db = data.join("vault.db").display().to_string();
+    assert!(
+        stderr.contains("in use by another vault process") && stderr.contains(&db),
+        "{stderr}"
+    );
+    tokenize_once(&first.url(), &checkout).await;
+}
+
+/// Serves the dev vault of `root` until it fails or `stop` resolves;
+/// returns the vault (to inspect its store) and how `serve` ended.
+async fn serve_dev(
+    root: &Path,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Arc<Vault>, Result<(), StartError>) {
+    let cfg = dev_config(root, &[]);
+    let vault = open_configured(&cfg, &HashMap::new()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let served = tokio::time::timeout(
+        Duration::from_secs(30),
+        serve(listener, &cfg, vault.clone(), stop),
+    )
+    .await
+    .expect("serve neither failed nor stopped");
+    (vault, served)
+}
+
+fn an_event() -> AuditEvent {
+    AuditEvent::new(0, "test", AuditAction::Detokenize)
+}
+
+/// A start that fails after the store is open (here: the TLS key cannot be
+/// used) used to leave the store open, its writer running and, with the
+/// database lock, the database unusable by a retry in the same process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_start_closes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ensure_layout(dir.path()).root.join("pki/server.key");
+    let good = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    tokenvault::fsutil::write_private(&key, b"not a PEM key\n").unwrap();
+
+    let (vault, served) = serve_dev(dir.path(), std::future::pending()).await;
+    let e = served.expect_err("a vault with an unusable TLS key served");
+    assert!(matches!(e, StartError::Tls(_)), "{e}");
+    let after = vault.store().append_audit(an_event()).await;
+    assert!(
+        matches!(&after, Err(e) if e.to_string().contains("closed")),
+        "the store is still open after a failed start: {after:?}"
+    );
+    drop(vault);
+    // The database is free again: a fixed vault starts in this process.
+    std::fs::remove_file(&key).unwrap();
+    tokenvault::fsutil::write_private(&key, &good).unwrap();
+    let v = TestVault::start_in(dir).await;
+    drop(v.stop().await);
+}
+
+fn ensure_layout(root: &Path) -> tokenvault::devpki::DevLayout {
+    tokenvault::devpki::ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// The server's TLS private key gets the same check as the KEK file:
+/// readable by group or others, or owned by another user, and the vault
+/// refuses to start, naming the file and the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_key_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = ensure_layout(dir.path()).root.join("pki/server.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the dev PKI writes keys 0600");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (_, served) = serve_dev(dir.path(), std::future::pending()).await;
+    let e = served
+        .expect_err("served with a group-readable TLS key")
+        .to_string();
+    assert!(
+        e.contains("TLS private key") && e.contains("server.key") && e.contains("chmod 600"),
+        "{e}"
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if rustix::process::geteuid().is_root() {
+        let nobody = rustix::process::Uid::from_raw(65534);
+        rustix::fs::chown(&key, Some(nobody), None).unwrap();
+        let (_, served) = serve_dev(dir.path(), std::future::pending()).await;
+        let e = served
+            .expect_err("served with another user's TLS key")
+            .to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        rustix::fs::chown(&key, Some(rustix::process::geteuid()), None).unwrap();
+    }
+    let v = TestVault::start_in(dir).await;
+    drop(v.stop().await);
+}
+
+/// Health turns NOT_SERVING when shutdown begins, before the drain, so
+/// load balancers stop sending calls while in-flight ones finish. It used
+/// to change only once the drain was over. A health watch is itself an
+/// in-flight call: with a drain of 30 s it sees NOT_SERVING at once (well
+/// within 10 s) now, only after 30 s before; once it hangs up, nothing is
+/// in flight and the vault stops without waiting out the drain.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_not_serving_while_draining() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let l = ensure_layout(dir.path());
+    let text = std::fs::read_to_string(l.config()).unwrap();
+    let text = text.replace("[server]\n", "[server]\ndrain_seconds = 30\n");
+    std::fs::write(l.config(), text).unwrap();
+    let v = TestVault::start_in(dir).await;
+    let mut health = HealthClient::new(channel(&v.url(), &v.pki(AUDITOR)).await.unwrap());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.map(|m| m.status);
+    assert_eq!(
+        status(watch.message().await.unwrap()),
+        Some(i32::from(ServingStatus::Serving))
+    );
+
+    let stopping = tokio::spawn(v.stop());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("health did not turn NOT_SERVING when the drain began");
+    assert_eq!(
+        status(next.expect("the watch ended without reporting NOT_SERVING")),
+        Some(i32::from(ServingStatus::NotServing))
+    );
+    drop(watch);
+    drop(health);
+    let stopped = tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the vault waited out the drain with nothing in flight");
+    drop(stopped.unwrap());
+}
