@@ -94,11 +94,26 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Maps a rusqlite error: a constraint violation is a conflict, anything
-/// else means storage cannot be trusted to have done the write.
+/// Maps a rusqlite error: a constraint violation is a conflict; a stored
+/// value that does not decode into its column's type, or a database file
+/// SQLite finds corrupt, is corruption (the caller gets DATA_LOSS, not an
+/// invitation to retry); anything else means storage cannot be trusted to
+/// have done the work. The value itself is never put in the message.
 pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
+    match &e {
+        E::FromSqlConversionFailure(col, ..)
+        | E::InvalidColumnType(col, ..)
+        | E::IntegralValueOutOfRange(col, ..) => {
+            return StoreError::Corrupt(format!("a stored row's column {col} does not decode"));
+        }
+        _ => {}
+    }
     match e.sqlite_error_code() {
         Some(ErrorCode::ConstraintViolation) => StoreError::Conflict,
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            StoreError::Corrupt("SQLite reports the database file corrupt".into())
+        }
         _ => unavailable(e),
     }
 }

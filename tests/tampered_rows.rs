@@ -1,0 +1,113 @@
+//! Fail closed on tampered storage, over gRPC: a token row whose ciphertext
+//! was altered, swapped with another row's, or whose metadata no longer
+//! decodes answers DATA_LOSS, never a wrong card number and never an
+//! invitation to retry; the untouched rows still work.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::calls::call;
+use common::cards::visa_pan;
+use common::*;
+use tokenvault::proto::{DetokenizeRequest, GetTokenMetadataRequest, TokenizeRequest};
+use tonic::Code;
+
+fn token_bytes(token: &str) -> Vec<u8> {
+    bs58::decode(token.strip_prefix("tok_").unwrap())
+        .into_vec()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_token_rows_answer_data_loss_and_never_a_card_number() {
+    let v = TestVault::start().await;
+    let mut checkout = v.client(ACME_CHECKOUT).await;
+    let pans: Vec<String> = (0..5).map(|i| visa_pan(7_300_000, i)).collect();
+    let mut tokens = Vec::new();
+    for pan in &pans {
+        let t = call(checkout.tokenize(TokenizeRequest {
+            pan: pan.clone(),
+            expiry: None,
+        }))
+        .await
+        .unwrap()
+        .token;
+        tokens.push(t);
+    }
+    drop(checkout);
+    // Stopped, so nothing is served from the row cache after the restart.
+    let db_path = v.db_path();
+    let dir = v.stop().await;
+
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    let ciphertext = |t: &str| -> Vec<u8> {
+        db.query_row(
+            "SELECT ciphertext FROM tokens WHERE token = ?1",
+            [token_bytes(t)],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let set = |t: &str, c: &[u8]| {
+        db.execute(
+            "UPDATE tokens SET ciphertext = ?1 WHERE token = ?2",
+            rusqlite::params![c, token_bytes(t)],
+        )
+        .unwrap();
+    };
+    // 0: one flipped byte of the tag.
+    let mut c0 = ciphertext(&tokens[0]);
+    *c0.last_mut().unwrap() ^= 0x01;
+    set(&tokens[0], &c0);
+    // 1 and 2: ciphertexts swapped between two rows of the same tenant.
+    let (c1, c2) = (ciphertext(&tokens[1]), ciphertext(&tokens[2]));
+    set(&tokens[1], &c2);
+    set(&tokens[2], &c1);
+    // 3: metadata that no longer fits its type.
+    db.execute(
+        "UPDATE tokens SET pan_len = 300 WHERE token = ?1",
+        [token_bytes(&tokens[3])],
+    )
+    .unwrap();
+    drop(db);
+
+    let v = TestVault::start_in(dir).await;
+    let mut payments = v.client(ACME_PAYMENTS).await;
+    let mut checkout = v.client(ACME_CHECKOUT).await;
+    for (i, t) in tokens.iter().enumerate().take(4) {
+        let err = call(payments.detokenize(DetokenizeRequest {
+            token: t.clone(),
+            purpose: "charge order 42".into(),
+        }))
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss, "row {i}: {err:?}");
+        for pan in &pans {
+            assert!(!err.message().contains(&pan[6..12]), "row {i}: {err:?}");
+        }
+    }
+    let err = call(checkout.get_token_metadata(GetTokenMetadataRequest {
+        token: tokens[3].clone(),
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+
+    // The untouched row still opens, to its own card number.
+    let mut ok = call(payments.detokenize(DetokenizeRequest {
+        token: tokens[4].clone(),
+        purpose: "charge order 42".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(std::mem::take(&mut ok.pan), pans[4]);
+
+    let losses = v
+        .audit_rows()
+        .into_iter()
+        .filter(|r| r.action == "detokenize" && r.outcome == "data_loss")
+        .count();
+    assert_eq!(losses, 4);
+    drop((payments, checkout));
+    v.stop().await;
+}
