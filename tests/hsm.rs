@@ -335,6 +335,7 @@ fn hsm_generate_and_info() {
         "extractable: false",
         "sensitive: true",
         "never extractable: true",
+        "private: true",
     ] {
         assert!(
             i.stdout.lines().any(|l| l.trim() == want),

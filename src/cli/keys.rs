@@ -200,14 +200,15 @@ pub async fn run(cmd: KeysCmd) -> Result<(), String> {
         KeysCmd::HsmInfo(args) => {
             let i = HsmKek::describe(&args.settings()?).map_err(|e| e.to_string())?;
             println!(
-                "token: {}\nkey label: {}\nkey id: {}\nvalue length: {}\nsensitive: {}\nextractable: {}\nnever extractable: {}",
+                "token: {}\nkey label: {}\nkey id: {}\nvalue length: {}\nsensitive: {}\nextractable: {}\nnever extractable: {}\nprivate: {}",
                 i.token_label,
                 i.key_label,
                 i.key_id_hex,
                 i.value_len,
                 i.sensitive,
                 i.extractable,
-                i.never_extractable
+                i.never_extractable,
+                i.private
             );
         }
         KeysCmd::Status { conn } => key_status(&conn).await?,

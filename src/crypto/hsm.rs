@@ -55,6 +55,8 @@ pub struct HsmKeyInfo {
     pub sensitive: bool,
     pub extractable: bool,
     pub never_extractable: bool,
+    /// Usable only in a logged-in session (CKA_PRIVATE).
+    pub private: bool,
     pub token_label: String,
 }
 
@@ -211,6 +213,7 @@ impl Conn {
                     AttributeType::Sensitive,
                     AttributeType::Extractable,
                     AttributeType::NeverExtractable,
+                    AttributeType::Private,
                     AttributeType::Encrypt,
                     AttributeType::Decrypt,
                 ],
@@ -227,6 +230,7 @@ impl Conn {
                 Attribute::Sensitive(b) => a.sensitive = b,
                 Attribute::Extractable(b) => a.extractable = b,
                 Attribute::NeverExtractable(b) => a.never_extractable = b,
+                Attribute::Private(b) => a.private = b,
                 Attribute::Encrypt(b) => a.encrypt = b,
                 Attribute::Decrypt(b) => a.decrypt = b,
                 _ => {}
@@ -255,6 +259,7 @@ struct KeyAttrs {
     sensitive: bool,
     extractable: bool,
     never_extractable: bool,
+    private: bool,
     encrypt: bool,
     decrypt: bool,
 }
@@ -268,6 +273,7 @@ impl Default for KeyAttrs {
             sensitive: false,
             extractable: true,
             never_extractable: false,
+            private: false,
             encrypt: false,
             decrypt: false,
         }
@@ -287,6 +293,13 @@ fn check_acceptable(label: &str, a: &KeyAttrs) -> Result<(), CryptoError> {
     }
     if !a.sensitive {
         return refuse(format!("is not sensitive (CKA_SENSITIVE=false) — {WHY}"));
+    }
+    if !a.private {
+        // A public object can be used by any process that opens the token,
+        // without the PIN: it could unwrap every data key.
+        return refuse(format!(
+            "is not private (CKA_PRIVATE=false): it is usable without logging in — {WHY}"
+        ));
     }
     if !a.aes || a.value_len != KEY_LEN as u64 {
         return refuse(format!(
@@ -454,6 +467,7 @@ impl HsmKek {
             sensitive: a.sensitive,
             extractable: a.extractable,
             never_extractable: a.never_extractable,
+            private: a.private,
             token_label: conn.token_label,
         })
     }
@@ -479,7 +493,19 @@ impl Kek for HsmKek {
             .session()?
             .encrypt(&mech, self.key, key.expose())
             .map_err(|e| p11("wrap (C_Encrypt, AES-GCM) failed", e))?;
-        encode_wrapped(&iv, &sealed)
+        drop(mech);
+        // A token that makes its own IV (FIPS mode) writes it back into the
+        // parameter: keep the IV it used, or the blob could never be opened.
+        let wrapped = encode_wrapped(&iv_param, &sealed)?;
+        // Prove the blob opens before anything stores it: a KEK rotation
+        // commits these, and an unopenable one would lose its data key.
+        let back = self.unwrap(&wrapped, aad)?;
+        if back.expose() != key.expose() {
+            return Err(CryptoError::Key(
+                "the HSM's wrapped key did not unwrap to the same key".into(),
+            ));
+        }
+        Ok(wrapped)
     }
 
     fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<KeyBytes, CryptoError> {
@@ -510,6 +536,7 @@ mod tests {
             sensitive: true,
             extractable: false,
             never_extractable: true,
+            private: true,
             encrypt: true,
             decrypt: true,
         }
@@ -571,6 +598,16 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("not sensitive"), "{e}");
         assert!(e.to_string().contains("3.6.1.2"), "{e}");
+
+        let e = check_acceptable(
+            "k",
+            &KeyAttrs {
+                private: false,
+                ..good()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("CKA_PRIVATE=false"), "{e}");
 
         let e = check_acceptable(
             "k",
