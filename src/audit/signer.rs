@@ -22,7 +22,9 @@ const SPKI_PREFIX: [u8; 12] = [
 ];
 
 /// The signing key, unwrapped. Holds only the 32-byte seed (zeroized on
-/// drop); the ring key pair is rebuilt for each signature.
+/// drop); the ring key pair is rebuilt for each signature. ring does not
+/// wipe that key pair (its expanded secret scalar) when it is dropped: a
+/// known limit, as for other library buffers (SECURITY.md, "Memory").
 pub struct AuditSigner {
     seed: KeyBytes,
     public: [u8; 32],

@@ -51,8 +51,10 @@ impl Verdict {
     pub fn summary(&self) -> String {
         match &self.problem {
             None => {
-                let covered = self.covered_to.unwrap_or(0);
-                let tail = self.entries.saturating_sub(covered);
+                // Entries after the last covered sequence number (the export
+                // may start past seq 1, from an anchor).
+                let last = (self.first_seq + self.entries).saturating_sub(1);
+                let tail = last.saturating_sub(self.covered_to.unwrap_or(0));
                 let mut s = format!(
                     "VERIFIED: {} entries (seq {}..{}), {} signed checkpoints",
                     self.entries,
@@ -513,6 +515,18 @@ mod tests {
         };
         let v = verify_records_with(tail, &[cp], s.public(), &opts);
         assert!(v.ok(), "{}", v.summary());
+        assert!(!v.summary().contains("not yet covered"), "{}", v.summary());
+        // A checkpoint short of the end: the unsigned tail is reported,
+        // counted from the anchor's numbering.
+        let early = sign(&s, &recs[6]);
+        let v = verify_records_with(tail, &[early], s.public(), &opts);
+        assert!(v.ok(), "{}", v.summary());
+        assert!(
+            v.summary()
+                .contains("3 newer entries are chained but not yet covered"),
+            "{}",
+            v.summary()
+        );
         // A wrong anchor breaks the first link.
         let bad = Options {
             anchor: Some((4, [9u8; 32])),

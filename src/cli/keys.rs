@@ -480,7 +480,7 @@ async fn follow(c: &mut KeyServiceClient<Channel>, id: u64) -> Result<(), String
 }
 
 pub async fn unseal(conn: &Conn, share_file: Option<&Path>) -> Result<(), String> {
-    let (share, default) = match share_file {
+    let (mut share, default) = match share_file {
         Some(p) => (
             Zeroizing::new(
                 std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -492,7 +492,8 @@ pub async fn unseal(conn: &Conn, share_file: Option<&Path>) -> Result<(), String
     let r = keys_client(conn, default)
         .await?
         .unseal(proto::UnsealRequest {
-            share: share.to_string(),
+            // Moved, not copied; the request wipes it once sent.
+            share: std::mem::take(&mut *share),
         })
         .await
         .map_err(status)?

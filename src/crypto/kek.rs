@@ -112,7 +112,10 @@ impl LocalKek {
     /// Generates a new KEK into `path` (mode 0600, refusing to overwrite).
     pub fn generate_file(path: &Path) -> Result<Self, CryptoError> {
         let key = KeyBytes::generate()?;
-        let text = Zeroizing::new(B64.encode(key.expose()) + "\n");
+        // Sized up front, so no unwiped partial copy is left by a regrow.
+        let mut text = Zeroizing::new(String::with_capacity(45));
+        B64.encode_string(key.expose(), &mut text);
+        text.push('\n');
         crate::fsutil::write_private(path, text.as_bytes())
             .map_err(|e| CryptoError::Key(format!("cannot write {}: {e}", path.display())))?;
         Ok(Self::from_key(&key))

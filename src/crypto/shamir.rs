@@ -179,7 +179,11 @@ impl Share {
     /// newline-terminated.
     pub fn to_text(&self) -> Zeroizing<String> {
         let data = Zeroizing::new(B64.encode(self.bytes.as_slice()));
-        let mut text = Zeroizing::new(String::with_capacity(256));
+        // Sized for the whole text up front, so it never regrows and leaves
+        // an unwiped copy of the share behind.
+        let mut text = Zeroizing::new(String::with_capacity(
+            256 + self.kek_id.len() + self.set_id.len() + data.len(),
+        ));
         for line in [
             HEADER,
             &format!("kek: {}", self.kek_id),
