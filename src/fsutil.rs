@@ -16,11 +16,47 @@ use std::path::{Path, PathBuf};
 /// KEK file could vanish while the database that depends on it survives.
 ///
 /// A crash at any point leaves `path` either absent or complete, so a
-/// retry never meets a half-written file. (Only a crash between the link
-/// and the unlink leaves the temporary name behind: a 0600 file beside the
-/// target with the same contents.)
+/// retry never meets a half-written file. (A crash after the temporary
+/// file is written and before it is removed leaves it behind: a hidden
+/// 0600 file beside the target, `.<name>.tmp-<random>`, that a retry does
+/// not trip over and an operator may delete.)
+///
+/// On a file system without hard links (FAT or exFAT media for share
+/// files, some network mounts) the file is created in place instead,
+/// still 0600, never replacing one, and synced; there an interrupted write
+/// can leave a partial file that must be removed before a retry.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    create_private(path, |f| f.write_all(bytes))
+    match create_private(path, |f| f.write_all(bytes)) {
+        Err(e) if links_unsupported(&e) => {
+            tracing::warn!(
+                path = %path.display(),
+                "this file system has no hard links: writing the file in place"
+            );
+            write_synced(path, |f| f.write_all(bytes))?;
+            sync_dir_if_supported(parent(path))
+        }
+        other => other,
+    }
+}
+
+/// The errors `link(2)` gives where the file system has no hard links.
+fn links_unsupported(e: &std::io::Error) -> bool {
+    const EPERM: i32 = 1;
+    e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(EPERM)
+}
+
+/// Syncs a folder, accepting a file system that cannot sync folders
+/// (EINVAL): there the name is as durable as that file system allows.
+fn sync_dir_if_supported(dir: &Path) -> std::io::Result<()> {
+    const EINVAL: i32 = 22;
+    match sync_dir(dir) {
+        Err(e)
+            if e.raw_os_error() == Some(EINVAL) || e.kind() == std::io::ErrorKind::Unsupported =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// [`write_private`] with the contents written by `fill`. If `fill` fails
@@ -36,8 +72,16 @@ fn create_private(
     // the file, on failure the bytes must not linger.
     let cleaned = std::fs::remove_file(&tmp);
     placed?;
-    cleaned?;
-    sync_dir(dir)
+    if let Err(e) = cleaned {
+        // The file is in place; failing now would only make a retry meet
+        // "already exists". Say where the stray copy is instead.
+        tracing::warn!(
+            path = %tmp.display(),
+            error = %e,
+            "could not remove the temporary copy of a private file (mode 0600); delete it"
+        );
+    }
+    sync_dir_if_supported(dir)
 }
 
 /// Writes a non-secret file, creating or replacing it.
@@ -157,6 +201,18 @@ mod tests {
         std::fs::write(d.path().join(".server.key.tmp-0011223344556677"), b"x").unwrap();
         write_private(&p, b"complete").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"complete");
+    }
+
+    /// Only "no hard links here" switches to writing in place; an existing
+    /// target is never overwritten that way.
+    #[test]
+    fn only_missing_link_support_falls_back_to_writing_in_place() {
+        use std::io::{Error, ErrorKind};
+        assert!(links_unsupported(&Error::from_raw_os_error(1)));
+        assert!(links_unsupported(&Error::from(ErrorKind::Unsupported)));
+        assert!(!links_unsupported(&Error::from_raw_os_error(17)));
+        assert!(!links_unsupported(&Error::from(ErrorKind::AlreadyExists)));
+        assert!(!links_unsupported(&Error::from_raw_os_error(13)));
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl Vault {
             Ok(_) => ev.detail = Some(what),
             Err(e) => {
                 ev.outcome = Outcome::failed(e.code());
-                ev.detail = Some(format!("{what}: {e}"));
+                ev.detail = Some(format!("{what}: {}", e.audit_detail()));
             }
         }
         self.store.append_audit(ev).await.map_err(storage)?;

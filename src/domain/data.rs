@@ -348,9 +348,16 @@ pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
     Ok(p)
 }
 
+/// What may stand between the digit groups of a card number: ASCII white
+/// space or punctuation, except `:`, so that a time of day ("2024-06-01
+/// 01:00-03:00") does not join a date into a card-length run.
+fn is_group_separator(b: u8) -> bool {
+    b.is_ascii_whitespace() || (b.is_ascii_punctuation() && b != b':')
+}
+
 /// True if `s` holds a card-number-like sequence: digit groups joined by
-/// separators (ASCII punctuation or whitespace: `4111.1111…`, `…/…`,
-/// `…_…` as well as spaces and hyphens), any consecutive span of which has
+/// separators (ASCII punctuation other than `:`, or whitespace:
+/// `4111.1111…`, `…/…`, `…_…` as well as spaces and hyphens), any consecutive span of which has
 /// 12–19 digits in all and passes Luhn ("refund 2 4111 1111 1111 1111" is
 /// caught by its last four groups, not hidden by the stray 2), or a single
 /// group of 20 or more digits. A letter or any non-ASCII character ends a
@@ -369,7 +376,7 @@ pub(crate) fn contains_card_like_digits(s: &str) -> bool {
                 digits.push(b);
                 in_group = true;
             }
-            b if (b.is_ascii_punctuation() || b.is_ascii_whitespace()) && !digits.is_empty() => {
+            b if is_group_separator(b) && !digits.is_empty() => {
                 if in_group {
                     ends.push(digits.len());
                     in_group = false;
@@ -471,8 +478,8 @@ mod tests {
         ] {
             assert!(contains_card_like_digits(&card), "{card}");
             for sep in [
-                " ", "-", ".", "/", "_", ",", ":", ";", "|", "\\", "+", "*", "#", "~", "'", "\"",
-                "(", ")", "\t", " - ", "..", " / ",
+                " ", "-", ".", "/", "_", ",", ";", "|", "\\", "+", "*", "#", "~", "'", "\"", "(",
+                ")", "\t", " - ", "..", " / ",
             ] {
                 let text = format!("refund {} now", grouped(&card, sep));
                 assert!(contains_card_like_digits(&text), "{text:?}");
@@ -482,6 +489,13 @@ mod tests {
         // Letters still end a run, so ordinary numbered text passes.
         assert!(!contains_card_like_digits("orders 12 and 34, ticket 5678"));
         assert!(!contains_card_like_digits("v1.2.3 build 4567"));
+        // A colon ends a run: dates with times of day are not card numbers.
+        for h in 0..24 {
+            for m in [0, 15, 30, 45] {
+                let text = format!("maintenance 2024-06-01 {h:02}:{m:02}-{h:02}:59 UTC");
+                assert!(check_purpose(&text).is_ok(), "{text:?}");
+            }
+        }
     }
 
     #[test]

@@ -281,6 +281,9 @@ fn lock_exclusive(db: &Path) -> Result<std::fs::File, StoreError> {
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
+        // A symlink planted at the lock's name is refused, not followed.
+        let nofollow = i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0);
+        opts.custom_flags(nofollow);
     }
     let file = opts
         .open(&path)
@@ -877,6 +880,22 @@ mod tests {
         s.close().await.expect("close");
         let again = SqliteStore::open(&path, SqliteOptions::default()).expect("reopen after close");
         again.close().await.expect("close");
+    }
+
+    /// A symlink planted at the lock file's name is refused, not followed
+    /// (it could point the lock, created 0600, at any file).
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_lock_file_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v.db");
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, lock_path(&path)).expect("symlink");
+        let e = SqliteStore::open(&path, SqliteOptions::default())
+            .expect_err("a symlinked lock must be refused")
+            .to_string();
+        assert!(e.contains("lock file"), "{e}");
+        assert!(!elsewhere.exists(), "the symlink was followed");
     }
 
     /// The reference scan behind a destroy runs outside the writer. A token

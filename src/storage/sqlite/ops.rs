@@ -37,7 +37,9 @@ fn rejected(msg: impl Into<String>) -> OpError {
 /// written, so even a constraint violation cannot be failed alone.
 fn fatal(e: rusqlite::Error) -> OpError {
     OpError::Fatal(match map_err(e) {
-        StoreError::Conflict => StoreError::Corrupt("constraint violated mid-request".into()),
+        // The store's own bookkeeping went wrong, not stored data: an
+        // outage (UNAVAILABLE), not DATA_LOSS.
+        StoreError::Conflict => StoreError::Unavailable("constraint violated mid-request".into()),
         other => other,
     })
 }
@@ -465,7 +467,7 @@ pub fn append_audit(
     .map_err(|err| match map_err(err) {
         // A duplicate sequence number means the writer's view is wrong:
         // never treat that as an ordinary conflict.
-        StoreError::Conflict => StoreError::Corrupt("audit sequence collision".into()),
+        StoreError::Conflict => StoreError::Unavailable("audit sequence collision".into()),
         other => other,
     })?;
     ctx.next_seq += 1;
