@@ -53,6 +53,7 @@ conformance!(Sqlite::new() =>
     acknowledged_writes_survive_reopen,
     rejected_request_fails_alone,
     reencrypted_row_reads_back_new,
+    reencryption_never_revives_a_shredded_row,
     deleted_row_never_reads_back,
     token_counts_follow_writes,
     destroy_only_unreferenced_decrypt_only_keys,

@@ -414,6 +414,46 @@ pub async fn reencrypted_row_reads_back_new<B: Backend>(b: &B) -> CheckResult {
     )
 }
 
+/// A re-encryption batch prepared before a crypto-shred and committed after
+/// it (under a key made after the shred) must not move its rows: that would
+/// bring the shredded card numbers back.
+pub async fn reencryption_never_revives_a_shredded_row<B: Backend>(b: &B) -> CheckResult {
+    use crate::domain::store::Reencrypted;
+    let s = b.open().await;
+    ok(insert_key_1(&*s).await, "dek")?;
+    let t = token(60);
+    ok(tokenize(&*s, t).await, "insert")?;
+    let id = start_job(&*s, 1).await?;
+    let before = ok(s.get_token(&t).await, "read")?.ok_or("row vanished")?;
+    let gone = ok(
+        s.shred_tenant("acme", event(AuditAction::TenantShred, None))
+            .await,
+        "shred",
+    )?;
+    ensure(gone.contains(&1), format!("shred destroyed {gone:?}"))?;
+    // The tenant's next use makes a fresh key, as tokenize would.
+    ok(
+        s.insert_dek(&dek(2, "acme", 2), event(AuditAction::DekCreate, None))
+            .await,
+        "fresh dek",
+    )?;
+    let row = Reencrypted {
+        token: t,
+        old_dek: 1,
+        new_dek: 2,
+        ciphertext: vec![9; 8],
+    };
+    let moved = s.reencrypt_batch(id, vec![row], None).await.unwrap_or(0);
+    ensure(moved == 0, format!("{moved} shredded rows re-encrypted"))?;
+    let after = ok(s.get_token(&t).await, "read")?;
+    ensure(
+        after
+            .as_ref()
+            .is_none_or(|r| r.dek_id == 1 && r.ciphertext == before.ciphertext),
+        "a shredded row was moved under a live key",
+    )
+}
+
 /// Once a delete is acknowledged, the row never reads back, even with
 /// readers racing the delete.
 pub async fn deleted_row_never_reads_back<B: Backend>(b: &B) -> CheckResult {

@@ -394,6 +394,13 @@ fn reencrypt(
         "UPDATE tokens SET dek_id = ?3, ciphertext = ?4 WHERE token = ?1 AND dek_id = ?2",
     )?;
     for r in rows {
+        // Opened under a key destroyed since (a tenant shred that landed
+        // while the job worked): writing it back under a newer key would
+        // bring a crypto-shredded card number back. Left as it is, under
+        // its destroyed key, where nothing can open it.
+        if ctx.is_destroyed(r.old_dek) {
+            continue;
+        }
         let n = st
             .execute(params![
                 &r.token.as_bytes()[..],
