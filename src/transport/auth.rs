@@ -1,5 +1,6 @@
 //! Caller identity: the verified client certificate's URI SAN, else its DNS
-//! SAN, else its subject CN, mapped by configuration to a tenant and roles.
+//! SAN, else (with no SAN at all) its subject CN, mapped by configuration to
+//! a tenant and roles.
 //! rustls has already verified the chain against the configured CA before a
 //! request gets here; this only reads who the certificate names.
 
@@ -72,27 +73,101 @@ impl Authenticator {
     }
 }
 
-/// The identity a certificate names: first URI SAN, else first DNS SAN, else
-/// subject common name.
+/// The identity a certificate names: its URI SAN, else its DNS SAN, else
+/// (only for a certificate with no SAN extension at all) its subject CN.
+///
+/// Fails closed on anything ambiguous, so that no certificate can claim an
+/// identity by a route its issuer did not mean: a SAN extension that does
+/// not parse, more than one URI SAN (or, with none, more than one DNS SAN),
+/// or a SAN holding only other kinds of name (IP, email, …) names no
+/// identity, and the subject CN is never consulted when a SAN is present.
 pub fn identity_from_der(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        let names = &san.value.general_names;
-        let uri = names.iter().find_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        });
-        let dns = names.iter().find_map(|n| match n {
-            GeneralName::DNSName(d) => Some(*d),
-            _ => None,
-        });
-        if let Some(id) = uri.or(dns) {
-            return Some(id.to_owned());
+    match cert.subject_alternative_name() {
+        Err(_) => None,
+        Ok(Some(san)) => {
+            let names = &san.value.general_names;
+            let uris: Vec<&str> = names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect();
+            let dns: Vec<&str> = names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(*d),
+                    _ => None,
+                })
+                .collect();
+            match (uris.as_slice(), dns.as_slice()) {
+                ([uri], _) => Some((*uri).to_owned()),
+                ([], [name]) => Some((*name).to_owned()),
+                _ => None,
+            }
         }
+        Ok(None) => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
     }
-    cert.subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    fn cert(cn: Option<&str>, sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    fn dns(s: &str) -> SanType {
+        SanType::DnsName(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn the_uri_san_then_the_dns_san_then_the_cn_names_the_caller() {
+        let c = cert(
+            Some("ignored"),
+            vec![dns("a.example"), uri("spiffe://t/acme/x")],
+        );
+        assert_eq!(identity_from_der(&c).as_deref(), Some("spiffe://t/acme/x"));
+        let c = cert(Some("ignored"), vec![dns("worker.example")]);
+        assert_eq!(identity_from_der(&c).as_deref(), Some("worker.example"));
+        let c = cert(Some("payments-worker"), vec![]);
+        assert_eq!(identity_from_der(&c).as_deref(), Some("payments-worker"));
+    }
+
+    #[test]
+    fn the_cn_is_never_used_when_a_san_is_present() {
+        // A CA that copies the request's subject: an IP SAN and a CN that
+        // reads like a privileged identity.
+        let ip = SanType::IpAddress(std::net::IpAddr::from([10, 0, 0, 7]));
+        let c = cert(Some("spiffe://t/admin"), vec![ip]);
+        assert_eq!(identity_from_der(&c), None);
+    }
+
+    #[test]
+    fn ambiguous_names_name_no_one() {
+        let c = cert(None, vec![uri("spiffe://t/a"), uri("spiffe://t/admin")]);
+        assert_eq!(identity_from_der(&c), None);
+        let c = cert(None, vec![dns("a.example"), dns("admin.example")]);
+        assert_eq!(identity_from_der(&c), None);
+        assert_eq!(identity_from_der(b"not a certificate"), None);
+    }
 }
