@@ -176,6 +176,10 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// How long a new connection may take to complete its TLS handshake;
+    /// one that sends nothing is closed then, so idle sockets cannot pile
+    /// up before anyone is authenticated.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -184,6 +188,7 @@ impl Default for Limits {
             request_timeout_ms: 5_000,
             max_message_bytes: 16 * 1024,
             max_concurrent_streams: 256,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -191,6 +196,10 @@ impl Default for Limits {
 impl Limits {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 
@@ -378,6 +387,9 @@ impl Config {
         }
         if self.limits.request_timeout_ms == 0 {
             return bad("limits.request_timeout_ms must be at least 1".into());
+        }
+        if self.limits.handshake_timeout_ms == 0 {
+            return bad("limits.handshake_timeout_ms must be at least 1".into());
         }
         // Zero streams would admit no call at all; zero drain seconds would
         // abandon every in-flight call at the first signal.

@@ -308,7 +308,8 @@ async fn run(
     let key = Zeroizing::new(read(&cfg.tls.key)?);
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
+        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
+        .timeout(cfg.limits.handshake_timeout());
     let auth = Arc::new(Authenticator::new(cfg.grants()?));
     let limit = cfg.limits.max_message_bytes;
     let svc = TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))

@@ -189,3 +189,32 @@ async fn health_reports_not_serving_while_draining() {
         .expect("the vault waited out the drain with nothing in flight");
     drop(stopped.unwrap());
 }
+
+/// A connection that never starts its TLS handshake is closed once
+/// `limits.handshake_timeout_ms` passes, while the vault keeps serving:
+/// idle sockets cannot pile up before anyone is authenticated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_never_handshakes_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    append_config(dir.path(), "[limits]\nhandshake_timeout_ms = 300\n");
+    let v = TestVault::start_in(dir).await;
+    let mut idle = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    // Without the timeout this read would wait forever; the bound here is
+    // only a guard against hanging the suite.
+    let n = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut buf))
+        .await
+        .expect("the idle connection was never closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the server sent bytes to a silent client");
+    let mut checkout = v.client(ACME_CHECKOUT).await;
+    call(checkout.tokenize(TokenizeRequest {
+        pan: visa_pan(9_100_000, 1),
+        expiry: None,
+    }))
+    .await
+    .unwrap();
+    drop(checkout);
+    v.stop().await;
+}
