@@ -180,3 +180,58 @@ async fn an_unseal_whose_audit_record_cannot_be_written_leaves_the_vault_sealed(
     drop(admin);
     v.stop().await;
 }
+
+/// A job watch ends (UNAVAILABLE) when the vault is sealed, instead of
+/// reporting a paused job as "running" for as long as the vault stays
+/// sealed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_watch_ends_when_the_vault_is_sealed() {
+    use tokenvault::proto::{GetJobRequest, RotateDataKeyRequest, StartReencryptionRequest};
+    let dir = tempfile::tempdir().unwrap();
+    // Small batches with long pauses: the job is still running when sealed.
+    append_config(
+        dir.path(),
+        "[keys]\nreencrypt_batch = 5\nreencrypt_pause_ms = 200\n",
+    );
+    let v = TestVault::start_in(dir).await;
+    let checkout = v.client(ACME_CHECKOUT).await;
+    let mut admin = v.keys(ADMIN).await;
+    common::calls::tokenize_many(&checkout, 8_200_000, 200).await;
+    call(admin.rotate_data_key(RotateDataKeyRequest {
+        tenant: "acme".into(),
+        reason: "scheduled rotation".into(),
+    }))
+    .await
+    .unwrap();
+    let job = call(admin.start_reencryption(StartReencryptionRequest {
+        tenant: "acme".into(),
+        reason: "move tokens to the new key".into(),
+    }))
+    .await
+    .unwrap();
+    let mut watch = admin
+        .watch_job(GetJobRequest { job_id: job.job_id })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.job_id, job.job_id);
+    call(admin.seal(SealRequest {
+        reason: "maintenance window".into(),
+    }))
+    .await
+    .unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch outlived the seal");
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    drop((checkout, admin));
+    v.stop().await;
+}

@@ -424,14 +424,20 @@ impl KeyService for KeyServiceImpl {
 }
 
 /// Emits the job now and then every 500 ms until it is no longer running.
+///
+/// A watch is bounded: it ends (UNAVAILABLE) when the vault is sealed,
+/// where a paused job would otherwise look "running" forever, and
+/// (DEADLINE_EXCEEDED) after `MAX_WATCH`; the caller may watch again.
 fn async_stream(
     vault: Arc<Vault>,
     caller: Caller,
     first: JobRecord,
 ) -> impl Stream<Item = Result<proto::Job, Status>> + Send {
+    const MAX_WATCH: Duration = Duration::from_secs(3600);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let id = first.id;
+        let until = tokio::time::Instant::now() + MAX_WATCH;
         let mut current = first;
         loop {
             let running = current.state == JobState::Running;
@@ -439,6 +445,21 @@ fn async_stream(
                 return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+            let end = if vault.is_sealed() {
+                Some(Status::unavailable(
+                    "vault is sealed: the job is paused until it is unsealed; watch again then",
+                ))
+            } else if tokio::time::Instant::now() >= until {
+                Some(Status::deadline_exceeded(
+                    "a watch lasts at most an hour; watch again to follow the job",
+                ))
+            } else {
+                None
+            };
+            if let Some(status) = end {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
             current = match vault.job_again(&caller, id).await {
                 Ok(j) => j,
                 Err(e) => {
