@@ -30,6 +30,11 @@ pub struct Config {
     pub server: ServerOptions,
     #[serde(default)]
     pub clients: Vec<ClientGrant>,
+    /// The environment variables that overrode the file (names only), so
+    /// that the start can say so: a setting that differs from the reviewed
+    /// file must not do so silently.
+    #[serde(skip)]
+    pub env_overrides: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,6 +298,16 @@ impl Config {
     }
 
     fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        for name in [
+            "VAULT_LISTEN",
+            "VAULT_DB",
+            "VAULT_KEK_FILE",
+            "VAULT_REFLECTION",
+        ] {
+            if env.get(name).is_some() {
+                self.env_overrides.push(name);
+            }
+        }
         if let Some(v) = env.get("VAULT_LISTEN") {
             self.listen = v.parse().map_err(|_| ConfigError::Env {
                 name: "VAULT_LISTEN",
@@ -512,6 +527,20 @@ mod tests {
         assert!(!c.server.reflection);
         assert!(!c.server.lock_memory);
         assert_eq!(c.grants().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn environment_overrides_are_named() {
+        let (_d, p) = with_files();
+        let c = Config::load(&p, &HashMap::new()).unwrap();
+        assert!(c.env_overrides.is_empty());
+        let env: HashMap<String, String> = [("VAULT_REFLECTION", "on"), ("VAULT_DB", "/tmp/x.db")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let c = Config::load(&p, &env).unwrap();
+        assert_eq!(c.env_overrides, ["VAULT_DB", "VAULT_REFLECTION"]);
+        assert!(c.server.reflection);
     }
 
     #[test]

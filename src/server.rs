@@ -77,6 +77,12 @@ pub fn load_kek(cfg: &Config, env: &dyn Env) -> Result<Arc<dyn Kek>, StartError>
     if let Some(text) = env.get("VAULT_KEK").map(Zeroizing::new) {
         let kek =
             LocalKek::from_base64(&text).map_err(|e| StartError::Kek(format!("VAULT_KEK: {e}")))?;
+        if cfg.kek.file.is_some() {
+            tracing::warn!(
+                kek = %kek.id(),
+                "KEK taken from VAULT_KEK in the environment, not the configured kek.file"
+            );
+        }
         return Ok(Arc::new(kek));
     }
     let Some(path) = &cfg.kek.file else {

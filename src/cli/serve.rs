@@ -35,6 +35,15 @@ async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<()
         memory_locked = cfg.server.lock_memory,
         "process hardened: core dumps off, not dumpable"
     );
+    if !cfg.env_overrides.is_empty() {
+        tracing::warn!(
+            variables = ?cfg.env_overrides,
+            "configuration file settings overridden from the environment"
+        );
+    }
+    if cfg.server.reflection {
+        tracing::warn!("gRPC server reflection is on: turn it off in production");
+    }
     // Bound before the store is opened: from the open on, every way out
     // goes through `serve`, which closes the store.
     let listener = tokio::net::TcpListener::bind(cfg.listen)
