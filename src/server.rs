@@ -148,7 +148,7 @@ fn open_store(cfg: &Config) -> Result<Arc<SqliteStore>, StartError> {
 /// wrong KEK.
 pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, StartError> {
     let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg)).await?;
-    Ok(Arc::new(vault))
+    Ok(vault.shared())
 }
 
 /// Opens the vault as configured: with its KEK loaded (file, environment,
@@ -157,7 +157,7 @@ pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, S
 pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, StartError> {
     if cfg.kek.source == KekSource::Shamir {
         let vault = Vault::open_sealed(open_store(cfg)?, vault_settings(cfg));
-        return Ok(Arc::new(vault));
+        return Ok(vault.shared());
     }
     let kek = load_kek(cfg, env)?;
     let snapshot = ReloadEnv::capture(cfg, env);
@@ -167,7 +167,7 @@ pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, 
         .with_reload(Box::new(move || {
             load_kek(&reload_cfg, &snapshot).map_err(|e| e.to_string())
         }));
-    Ok(Arc::new(vault))
+    Ok(vault.shared())
 }
 
 /// The environment a KEK reload needs (`VAULT_KEK`, the HSM PIN), captured

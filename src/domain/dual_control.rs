@@ -71,6 +71,19 @@ impl Vault {
         request_id: u64,
         reason: &str,
     ) -> Result<Vec<u32>, VaultError> {
+        let (caller, reason) = (caller.clone(), reason.to_owned());
+        self.to_completion(move |v| async move {
+            v.approve_shred_now(&caller, request_id, &reason).await
+        })
+        .await
+    }
+
+    async fn approve_shred_now(
+        &self,
+        caller: &Caller,
+        request_id: u64,
+        reason: &str,
+    ) -> Result<Vec<u32>, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::TenantShred, reason);
         let res = async {
             caller.authorize(Action::ManageKeys)?;

@@ -205,6 +205,19 @@ impl Vault {
         tenant: &str,
         reason: &str,
     ) -> Result<DekStatus, VaultError> {
+        let (caller, tenant, reason) = (caller.clone(), tenant.to_owned(), reason.to_owned());
+        self.to_completion(
+            move |v| async move { v.rotate_dek_now(&caller, &tenant, &reason).await },
+        )
+        .await
+    }
+
+    async fn rotate_dek_now(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        reason: &str,
+    ) -> Result<DekStatus, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::DekRotate, reason);
         ev.tenant = tenant_note(tenant);
         let res = async {
@@ -248,6 +261,21 @@ impl Vault {
     /// and pins `new`, in one commit. Afterwards the old KEK is no longer
     /// needed, even to start. `approver` is the second administrator.
     pub async fn rotate_kek_approved(
+        &self,
+        approver: &Caller,
+        req: &PendingChange,
+        new: Arc<dyn Kek>,
+        reason: &str,
+    ) -> Result<String, VaultError> {
+        let (approver, req, reason) = (approver.clone(), req.clone(), reason.to_owned());
+        self.to_completion(move |v| async move {
+            v.rotate_kek_approved_now(&approver, &req, new, &reason)
+                .await
+        })
+        .await
+    }
+
+    async fn rotate_kek_approved_now(
         &self,
         approver: &Caller,
         req: &PendingChange,
@@ -329,6 +357,17 @@ impl Vault {
     /// Destroys a decrypt-only data key that no token references any more.
     /// Another tenant's key is, to a tenant-scoped caller, a missing one.
     pub async fn destroy_dek(
+        &self,
+        caller: &Caller,
+        id: u32,
+        reason: &str,
+    ) -> Result<(), VaultError> {
+        let (caller, reason) = (caller.clone(), reason.to_owned());
+        self.to_completion(move |v| async move { v.destroy_dek_now(&caller, id, &reason).await })
+            .await
+    }
+
+    async fn destroy_dek_now(
         &self,
         caller: &Caller,
         id: u32,

@@ -259,6 +259,16 @@ impl Vault {
         caller: &Caller,
         kek: Arc<dyn Kek>,
     ) -> Result<(), VaultError> {
+        let caller = caller.clone();
+        self.to_completion(move |v| async move { v.unseal_with_now(&caller, kek).await })
+            .await
+    }
+
+    async fn unseal_with_now(
+        self: &Arc<Self>,
+        caller: &Caller,
+        kek: Arc<dyn Kek>,
+    ) -> Result<(), VaultError> {
         let guard = self.lifecycle.lock().await;
         if !self.is_sealed() {
             // Another caller got there first (two custodians' final shares
@@ -284,6 +294,14 @@ impl Vault {
     /// Drops every key from memory; data calls answer "vault is sealed"
     /// until it is unsealed again.
     pub async fn seal(&self, caller: &Caller, reason: &str) -> Result<SealStatus, VaultError> {
+        // Its record is committed and then the keys dropped: one step,
+        // never cut short by a cancelled call.
+        let (caller, reason) = (caller.clone(), reason.to_owned());
+        self.to_completion(move |v| async move { v.seal_now(&caller, &reason).await })
+            .await
+    }
+
+    async fn seal_now(&self, caller: &Caller, reason: &str) -> Result<SealStatus, VaultError> {
         // A refused reason (one holding a card number, say) is recorded only
         // as refused (`key_event`): the audit table is append-only.
         let ev = self.key_event(caller, AuditAction::Seal, reason);

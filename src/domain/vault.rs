@@ -7,7 +7,7 @@
 //! `reencrypt.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -85,6 +85,10 @@ pub struct Vault {
     pub(crate) pending_changes: Mutex<HashMap<u64, PendingChange>>,
     pub(crate) running_jobs: Mutex<HashSet<u64>>,
     pub(crate) reload: RwLock<Option<Arc<KekLoader>>>,
+    /// The `Arc` this vault lives in (see [`Vault::shared`]), so that a
+    /// step which commits to the store and then updates memory can run as
+    /// its own task, to completion, whatever happens to the call.
+    me: Weak<Vault>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -155,7 +159,42 @@ impl Vault {
             pending_changes: Mutex::default(),
             running_jobs: Mutex::default(),
             reload: RwLock::new(None),
+            me: Weak::new(),
         }
+    }
+
+    /// Puts the vault in the `Arc` it is served from. Key lifecycle steps
+    /// need this (see [`Vault::to_completion`]); a vault that is not shared
+    /// refuses them.
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            ..self
+        })
+    }
+
+    /// Runs `step` as a task of its own and waits for it. A gRPC handler's
+    /// future is dropped when its client hangs up or its deadline passes;
+    /// a step that commits a key change to the store and then updates the
+    /// key ring must never stop between the two (the store would say a key
+    /// is destroyed, or rotated, while memory still used it). As a task it
+    /// runs to its end even if the caller stops waiting.
+    pub(crate) async fn to_completion<T, F>(
+        &self,
+        step: impl FnOnce(Arc<Vault>) -> F,
+    ) -> Result<T, VaultError>
+    where
+        F: Future<Output = Result<T, VaultError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(me) = self.me.upgrade() else {
+            error!("a key lifecycle step was asked of a vault that is not shared");
+            return Err(VaultError::Internal);
+        };
+        tokio::spawn(step(me)).await.map_err(|e| {
+            error!(error = %e, "a key lifecycle step panicked");
+            VaultError::Internal
+        })?
     }
 
     /// Opens the vault over `store` with `kek`. On a new database the KEK is
@@ -309,6 +348,14 @@ impl Vault {
         {
             return Ok(dk);
         }
+        // Creating or rotating the key commits it and then installs it in
+        // the ring: one step, never cut short by a cancelled call.
+        let tenant = tenant.clone();
+        self.to_completion(move |v| async move { v.create_or_rotate_due(&tenant).await })
+            .await
+    }
+
+    async fn create_or_rotate_due(&self, tenant: &TenantId) -> Result<Arc<DataKey>, VaultError> {
         let _guard = self.lifecycle.lock().await;
         let ring = self.ring()?;
         let current = ring.active_for(tenant.as_str());
