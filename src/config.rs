@@ -391,6 +391,14 @@ impl Config {
                 "keys.crypto_period_days must be 1 to 730 (SP 800-57: at most two years)".into(),
             );
         }
+        if k.auto_rotate && k.rotate_after_uses >= k.max_uses {
+            // At the limit itself, calls that already picked the key would
+            // be refused instead of moving to its successor.
+            return bad(format!(
+                "keys.rotate_after_uses ({}) must be below keys.max_uses ({}) so that a key is rotated before it is exhausted",
+                k.rotate_after_uses, k.max_uses
+            ));
+        }
         if k.reencrypt_batch == 0 {
             return bad("keys.reencrypt_batch must be at least 1".into());
         }
@@ -527,6 +535,24 @@ mod tests {
         assert!(!c.server.reflection);
         assert!(!c.server.lock_memory);
         assert_eq!(c.grants().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_key_must_rotate_before_it_is_exhausted() {
+        let (_d, p) = with_files();
+        std::fs::write(
+            &p,
+            format!("{BASE}\n[keys]\nmax_uses = 100\nrotate_after_uses = 100\n"),
+        )
+        .unwrap();
+        let e = Config::load(&p, &HashMap::new()).unwrap_err().to_string();
+        assert!(e.contains("must be below keys.max_uses"), "{e}");
+        std::fs::write(
+            &p,
+            format!("{BASE}\n[keys]\nmax_uses = 100\nrotate_after_uses = 99\n"),
+        )
+        .unwrap();
+        Config::load(&p, &HashMap::new()).unwrap();
     }
 
     #[test]

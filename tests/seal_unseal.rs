@@ -235,3 +235,38 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
     drop((checkout, admin));
     v.stop().await;
 }
+
+/// Sealing signs the log up to its own Seal record: while sealed no
+/// checkpoint can be made, and an unsigned tail could be cut unseen.
+#[tokio::test(flavor = "multi_thread")]
+async fn sealing_signs_a_checkpoint_covering_the_seal_record() {
+    let v = TestVault::start().await;
+    let mut checkout = v.client(ACME_CHECKOUT).await;
+    let mut admin = v.keys(ADMIN).await;
+    call(checkout.tokenize(TokenizeRequest {
+        pan: "4111111111111111".into(),
+        expiry: None,
+    }))
+    .await
+    .unwrap();
+    call(admin.seal(SealRequest {
+        reason: "maintenance window".into(),
+    }))
+    .await
+    .unwrap();
+    let seal_seq = v
+        .audit_rows()
+        .iter()
+        .rfind(|r| r.action == "seal")
+        .unwrap()
+        .seq;
+    let db = rusqlite::Connection::open(v.db_path()).unwrap();
+    let covered: i64 = db
+        .query_row("SELECT COALESCE(MAX(seq), 0) FROM checkpoints", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(covered, seal_seq, "the seal left its record unsigned");
+    drop((db, checkout, admin));
+    v.stop().await;
+}

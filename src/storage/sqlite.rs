@@ -167,6 +167,10 @@ impl SqliteStore {
             .map_err(unavailable)?;
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(unavailable)?;
+        // `INSERT OR REPLACE` deletes before it inserts; with this on, that
+        // delete fires the append-only triggers of audit and checkpoints.
+        conn.pragma_update(None, "recursive_triggers", "ON")
+            .map_err(unavailable)?;
         schema::migrate(&mut conn).map_err(unavailable)?;
 
         let mut readers = Vec::with_capacity(opts.readers.max(1));

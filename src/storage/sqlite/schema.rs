@@ -108,6 +108,11 @@ const MIGRATIONS: &[&str] = &[
     // be destroyed, how many tokens does a job have to move) are now
     // answered by a scan, guarded by the writer (see ops.rs `destroy_dek`).
     "ALTER TABLE deks DROP COLUMN token_count;",
+    // v5: at most one active data key per tenant, enforced by the database
+    // too, not only by the vault's lifecycle lock. Rotation retires the old
+    // key before inserting the new one, so it never trips this. The deks
+    // table is tiny and off the tokenize path: the index costs nothing there.
+    "CREATE UNIQUE INDEX deks_one_active_per_tenant ON deks (tenant) WHERE state = 'active';",
 ];
 
 /// Brings the database to the newest schema, one transaction per version.
@@ -198,6 +203,51 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         assert!(migrate(&mut c).is_err());
+    }
+
+    #[test]
+    fn a_tenant_has_at_most_one_active_data_key() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        let add = |c: &Connection, id: u32, version: u32, state: &str| {
+            c.execute(
+                "INSERT INTO deks (id, tenant, version, state, wrapped, kek_id, created_ms)
+                 VALUES (?1, 'acme', ?2, ?3, x'00', 'k', 0)",
+                rusqlite::params![id, version, state],
+            )
+        };
+        add(&c, 1, 1, "active").unwrap();
+        assert!(add(&c, 2, 2, "active").is_err(), "two active keys for acme");
+        add(&c, 2, 2, "decrypt-only").unwrap();
+        c.execute("UPDATE deks SET state = 'decrypt-only' WHERE id = 1", [])
+            .unwrap();
+        add(&c, 3, 3, "active").unwrap();
+    }
+
+    /// With `recursive_triggers` (set on the writer's connection),
+    /// `INSERT OR REPLACE` cannot overwrite an audit row or checkpoint: its
+    /// implicit delete fires the delete trigger.
+    #[test]
+    fn replace_cannot_overwrite_audit_rows() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        c.pragma_update(None, "recursive_triggers", "ON").unwrap();
+        c.execute(
+            "INSERT INTO audit (seq, time_ms, actor, action, outcome) VALUES (1, 0, 'a', 'x', 'success')",
+            [],
+        )
+        .unwrap();
+        assert!(
+            c.execute(
+                "INSERT OR REPLACE INTO audit (seq, time_ms, actor, action, outcome) VALUES (1, 0, 'b', 'x', 'success')",
+                [],
+            )
+            .is_err()
+        );
+        let actor: String = c
+            .query_row("SELECT actor FROM audit WHERE seq = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(actor, "a");
     }
 
     #[test]
