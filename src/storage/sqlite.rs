@@ -227,13 +227,7 @@ impl SqliteStore {
     /// the key, and a scan must not hold up an async worker or a pooled
     /// reader. Admin operations only.
     async fn count_tokens(&self, dek: Option<u32>) -> Result<HashMap<u32, u64>, StoreError> {
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let c = Connection::open_with_flags(
-                &path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            common_pragmas(&c)?;
+        self.read_apart(move |c| {
             let mut st = c.prepare(
                 "SELECT dek_id, count(*) FROM tokens WHERE ?1 IS NULL OR dek_id = ?1
                  GROUP BY dek_id",
@@ -247,6 +241,26 @@ impl SqliteStore {
                 .into_iter()
                 .map(|(id, n)| (id, u64::try_from(n).unwrap_or(0)))
                 .collect())
+        })
+        .await
+    }
+
+    /// Runs a read that may scan many rows (audit queries, re-encryption
+    /// batches, counts) on a connection of its own in a blocking thread, so
+    /// it holds up neither an async worker nor a pooled reader that a
+    /// detokenize's point read is waiting for.
+    async fn read_apart<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            common_pragmas(&c)?;
+            f(&c)
         })
         .await
         .map_err(unavailable)?
@@ -584,11 +598,13 @@ impl Store for SqliteStore {
         }
         sql.push_str(" ORDER BY seq LIMIT ?");
         args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
-        self.read(|c| {
+        // A filter on tenant, actor or outcome has no index to use.
+        self.read_apart(move |c| {
             let mut st = c.prepare(&sql)?;
             let rows = st.query_map(rusqlite::params_from_iter(args), audit_from_row)?;
             rows.collect()
         })
+        .await
     }
 
     async fn insert_checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError> {
@@ -682,8 +698,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<TokenRecord>, StoreError> {
         let after = after.map(|t| t.as_bytes().to_vec()).unwrap_or_default();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(|c| {
-            let mut st = c.prepare_cached(
+        let tenant = tenant.to_owned();
+        // Walks the table in token order, skipping other tenants' rows.
+        self.read_apart(move |c| {
+            let mut st = c.prepare(
                 "SELECT token, tenant, dek_id, ciphertext, brand, bin, last4, pan_len,
                         exp_month, exp_year, created_ms
                  FROM tokens WHERE token > ?1 AND tenant = ?2 ORDER BY token LIMIT ?3",
@@ -691,6 +709,7 @@ impl Store for SqliteStore {
             let rows = st.query_map(params![after, tenant, limit], token_from_row)?;
             rows.collect()
         })
+        .await
     }
 
     async fn create_job(&self, job: &JobRecord, audit: AuditEvent) -> Result<u64, StoreError> {
