@@ -828,3 +828,48 @@ async fn checkpoints_are_signed_periodically_by_entry_count() {
     assert_eq!(heads[&cp.seq], cp.chain_hash);
     v.stop().await;
 }
+
+/// An export ends at its own record, however busy the vault is while it
+/// streams: rows committed meanwhile belong to the next export. (Without an
+/// end, a steady flow of calls could keep an export going for ever.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_ends_at_its_own_record_while_writes_go_on() {
+    let v = TestVault::start().await;
+    let checkout = v.client(ACME_CHECKOUT).await;
+    // More than one export page (500 entries) before the export starts.
+    common::calls::tokenize_many(&checkout, 9_600_000, 700).await;
+    let mut a = audit_client(&v, AUDITOR).await;
+    let mut stream = call(a.export_log(ExportLogRequest { after_seq: 0 }))
+        .await
+        .unwrap();
+    let header = stream.message().await.unwrap().unwrap();
+    let header: serde_json::Value = serde_json::from_str(&header.json).unwrap();
+    assert!(header.get("action").is_none(), "{header}");
+    // The stream holds the first page; these commit before the next one.
+    common::calls::tokenize_many(&checkout, 9_700_000, 100).await;
+    let mut seqs = Vec::new();
+    while let Some(line) = tokio::time::timeout(CALL_TIMEOUT, stream.message())
+        .await
+        .expect("export stream stalled")
+        .unwrap()
+    {
+        let v: serde_json::Value = serde_json::from_str(&line.json).unwrap();
+        if v.get("action").is_some() {
+            seqs.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    let last = *seqs.last().unwrap();
+    let own = v
+        .audit_rows()
+        .into_iter()
+        .find(|r| r.action == "audit_read" && r.detail.as_deref() == Some("export after=0"))
+        .unwrap();
+    assert_eq!(
+        last,
+        u64::try_from(own.seq).unwrap(),
+        "the export ran past its own record"
+    );
+    assert_eq!(seqs.len() as u64, last, "the export has gaps");
+    drop((checkout, a));
+    v.stop().await;
+}

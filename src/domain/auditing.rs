@@ -324,16 +324,19 @@ impl Vault {
     /// recorded before it runs: the export must hold its own record, under a
     /// checkpoint of the head signed now, to be covered to its end. A failed
     /// checkpoint, or a failed page later, is recorded as well.
-    pub async fn begin_export(&self, caller: &Caller, after: u64) -> Result<(), VaultError> {
+    /// Returns the sequence number the export ends at: the head once its
+    /// own record is written (and, unsealed, signed), so that an export has
+    /// a fixed end however busy the vault is meanwhile.
+    pub async fn begin_export(&self, caller: &Caller, after: u64) -> Result<u64, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
         if let Err(e) = caller.authorize_all(Action::ReadAudit) {
             self.audit_error(&e, ev).await?;
             return Err(e);
         }
         ev.detail = Some(format!("export after={after}"));
-        self.store.append_audit(ev).await.map_err(storage)?;
+        let own = self.store.append_audit(ev).await.map_err(storage)?;
         match self.checkpoint_now().await {
-            Ok(_) | Err(VaultError::Sealed) => Ok(()),
+            Ok(_) | Err(VaultError::Sealed) => Ok(own),
             Err(e) => {
                 self.export_failed(caller, after, &e).await?;
                 Err(e)

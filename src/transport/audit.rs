@@ -158,7 +158,10 @@ impl AuditService for AuditServiceImpl {
     ) -> Result<Response<Self::ExportLogStream>, Status> {
         let caller = self.auth.caller(&request)?;
         let mut after = request.into_inner().after_seq;
-        self.vault
+        // The export ends at its own record: rows committed while it streams
+        // belong to the next one (and are covered by a later checkpoint).
+        let end = self
+            .vault
             .begin_export(&caller, after)
             .await
             .map_err(|e| fail("ExportLog", &caller, e))?;
@@ -182,14 +185,17 @@ impl AuditService for AuditServiceImpl {
                 return;
             }
             loop {
-                let (entries, cps) = match vault.export_page(&caller, after, EXPORT_PAGE).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(&e))).await;
-                        return;
-                    }
-                };
-                let done = entries.len() < EXPORT_PAGE;
+                let (mut entries, mut cps) =
+                    match vault.export_page(&caller, after, EXPORT_PAGE).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.send(Err(to_status(&e))).await;
+                            return;
+                        }
+                    };
+                let done = entries.len() < EXPORT_PAGE || entries.iter().any(|e| e.seq >= end);
+                entries.retain(|e| e.seq <= end);
+                cps.retain(|c| c.seq <= end);
                 if let Some(last) = entries.last() {
                     after = last.seq;
                 }
