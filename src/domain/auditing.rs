@@ -40,7 +40,7 @@ pub struct AuditQuery {
 fn check_filter_text(what: &str, s: &Option<String>) -> Result<(), VaultError> {
     let Some(s) = s else { return Ok(()) };
     if s.chars().count() > FILTER_TEXT_MAX
-        || s.chars().any(char::is_control)
+        || s.chars().any(super::data::unprintable)
         || contains_card_like_digits(s)
     {
         return Err(VaultError::InvalidArgument(format!(
@@ -86,7 +86,8 @@ fn describe(q: &AuditQuery) -> String {
     ];
     for (k, v) in fields {
         if let Some(v) = v {
-            d.push_str(&format!(" {k}={v}"));
+            // Quoted, so filter text cannot pass for further fields.
+            d.push_str(&format!(" {k}={v:?}"));
         }
     }
     if let Some(k) = f.key_events {
@@ -385,6 +386,20 @@ mod tests {
     use crate::domain::access::{Grant, Role, RoleSet};
     use crate::domain::vault::VaultSettings;
     use crate::storage::sqlite::{SqliteOptions, SqliteStore};
+
+    #[test]
+    fn filter_text_in_a_read_record_is_quoted() {
+        let q = AuditQuery {
+            filter: AuditFilter {
+                actor: Some("x tenant=globex kind=key".into()),
+                ..AuditFilter::default()
+            },
+            after: 0,
+            limit: 10,
+        };
+        let d = describe(&q);
+        assert!(d.ends_with(r#" actor="x tenant=globex kind=key""#), "{d}");
+    }
 
     async fn vault() -> (tempfile::TempDir, Vault) {
         let dir = tempfile::tempdir().unwrap();

@@ -326,6 +326,15 @@ fn parse_token(s: &str) -> Result<Token, VaultError> {
 /// A purpose is free text from the caller that lands in the audit log, so it
 /// is bounded and screened: a card number pasted into it would otherwise be
 /// stored in clear.
+/// Characters free text in an audit record may not hold: control
+/// characters, and the invisible format characters (bidirectional overrides
+/// and isolates, zero-width ones) that can make a record read differently
+/// from what it stores.
+pub(crate) fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
 pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
     let p = purpose.trim();
     if p.is_empty() {
@@ -338,9 +347,9 @@ pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
             "purpose must be at most {PURPOSE_MAX_CHARS} characters"
         )));
     }
-    if p.chars().any(char::is_control) {
+    if p.chars().any(unprintable) {
         return Err(VaultError::InvalidArgument(
-            "purpose must not contain control characters".into(),
+            "purpose must not contain control or invisible formatting characters".into(),
         ));
     }
     if contains_card_like_digits(p) {
@@ -499,6 +508,15 @@ mod tests {
                 assert!(check_purpose(&text).is_ok(), "{text:?}");
             }
         }
+    }
+
+    #[test]
+    fn invisible_formatting_characters_are_refused_in_free_text() {
+        for c in ['\u{202E}', '\u{2066}', '\u{200B}', '\u{FEFF}', '\u{0007}'] {
+            let text = format!("refund{c} order 42");
+            assert!(check_purpose(&text).is_err(), "{text:?}");
+        }
+        assert!(check_purpose("refund order 42 — café").is_ok());
     }
 
     #[test]

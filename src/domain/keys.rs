@@ -12,7 +12,7 @@ use tracing::{error, info};
 
 use super::access::{Action, Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent};
-use super::data::contains_card_like_digits;
+use super::data::{contains_card_like_digits, unprintable};
 use super::dual_control::{PendingChange, approved_event};
 use super::error::VaultError;
 use super::store::{DekState, KekCheck};
@@ -65,7 +65,7 @@ pub(crate) fn check_reason(reason: &str) -> Result<&str, VaultError> {
             "a reason is required for key lifecycle actions".into(),
         ));
     }
-    if r.chars().count() > REASON_MAX_CHARS || r.chars().any(char::is_control) {
+    if r.chars().count() > REASON_MAX_CHARS || r.chars().any(unprintable) {
         return Err(VaultError::InvalidArgument(format!(
             "reason must be at most {REASON_MAX_CHARS} printable characters"
         )));
@@ -85,7 +85,7 @@ pub(crate) fn check_target(target: &str) -> Result<&str, VaultError> {
     let t = target.trim();
     if t.is_empty()
         || t.chars().count() > TARGET_MAX_CHARS
-        || t.chars().any(char::is_control)
+        || t.chars().any(unprintable)
         || contains_card_like_digits(t)
     {
         return Err(VaultError::InvalidArgument(format!(

@@ -16,7 +16,11 @@ pub fn esc(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
-            c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{fffd}'),
+            '\n' | '\t' => out.push(c),
+            // Control characters, and bidirectional overrides or zero-width
+            // characters that would make a record read differently from
+            // what it holds.
+            c if crate::domain::data::unprintable(c) => out.push('\u{fffd}'),
             c => out.push(c),
         }
     }

@@ -18,7 +18,7 @@ pub fn md(s: &str) -> String {
                 out.push(c);
             }
             '\n' | '\r' | '\t' => out.push(' '),
-            c if c.is_control() => out.push('\u{fffd}'),
+            c if crate::domain::data::unprintable(c) => out.push('\u{fffd}'),
             c => out.push(c),
         }
     }

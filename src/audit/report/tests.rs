@@ -386,6 +386,17 @@ fn times_are_utc() {
 }
 
 #[test]
+fn reports_show_no_bidirectional_override_or_zero_width_character() {
+    let tricky = "admin\u{202E}evil\u{2066}x\u{200B}y";
+    let shown = esc(tricky);
+    assert!(
+        !shown.contains(['\u{202E}', '\u{2066}', '\u{200B}']),
+        "{shown:?}"
+    );
+    assert!(shown.contains("admin\u{fffd}evil"), "{shown:?}");
+}
+
+#[test]
 fn html_escapes_everything_from_the_log() {
     let (mut entries, cps) = scenario();
     entries[0].actor = "\"><img src=x onerror=alert(2)>".into();
