@@ -102,6 +102,28 @@ fn query(r: proto::ListEventsRequest, limit: usize) -> Result<AuditQuery, VaultE
 
 const EXPORT_PAGE: usize = 500;
 
+/// The most a ListEvents page may hold, encoded: well under the service's
+/// 1 MiB response limit, however long the purposes and reasons of its rows.
+const PAGE_BYTES: usize = 768 * 1024;
+
+/// Keeps the leading events that fit in `PAGE_BYTES` (at least one), and
+/// says whether any were cut; the caller's next page starts after the last
+/// one kept.
+fn fit_page(mut events: Vec<proto::AuditEvent>) -> (Vec<proto::AuditEvent>, bool) {
+    use prost::Message;
+    let mut total = 0;
+    let keep = events
+        .iter()
+        .position(|e| {
+            total += e.encoded_len() + 8;
+            total > PAGE_BYTES
+        })
+        .map_or(events.len(), |i| i.max(1));
+    let cut = keep < events.len();
+    events.truncate(keep);
+    (events, cut)
+}
+
 type ExportStream = Pin<Box<dyn Stream<Item = Result<proto::ExportLine, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -124,13 +146,15 @@ impl AuditService for AuditServiceImpl {
             .list_audit(&caller, || query(r, size))
             .await
             .map_err(|e| fail("ListEvents", &caller, e))?;
-        let next = if rows.len() == size {
-            rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
+        let full = rows.len() == size;
+        let (events, cut) = fit_page(rows.into_iter().map(event).collect());
+        let next = if full || cut {
+            events.last().map(|e| e.seq.to_string()).unwrap_or_default()
         } else {
             String::new()
         };
         Ok(Response::new(proto::ListEventsResponse {
-            events: rows.into_iter().map(event).collect(),
+            events,
             next_page_token: next,
         }))
     }
@@ -228,5 +252,34 @@ impl AuditService for AuditServiceImpl {
             key_id: k.key_id,
             pem: k.pem,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64, purpose_len: usize) -> proto::AuditEvent {
+        proto::AuditEvent {
+            seq,
+            purpose: "é".repeat(purpose_len),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_page_of_long_rows_is_cut_to_fit_and_says_so() {
+        // 1000 rows of 256 two-byte characters each: ~0.5 MiB, fits.
+        let (kept, cut) = fit_page((1..=1000).map(|s| ev(s, 256)).collect());
+        assert_eq!((kept.len(), cut), (1000, false));
+        // 1000 rows of 1000 two-byte characters: ~2 MiB, cut.
+        let (kept, cut) = fit_page((1..=1000).map(|s| ev(s, 1000)).collect());
+        assert!(cut && kept.len() < 1000 && !kept.is_empty());
+        let bytes: usize = kept.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes <= PAGE_BYTES, "{bytes}");
+        assert_eq!(kept.last().map(|e| e.seq), Some(kept.len() as u64));
+        // One row larger than a page is still sent alone.
+        let (kept, cut) = fit_page(vec![ev(1, 500_000), ev(2, 1)]);
+        assert_eq!((kept.len(), cut), (1, true));
     }
 }
