@@ -301,6 +301,48 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The server every listener of the vault is built on: mutual TLS with the
+/// configured certificate, key (which must be private to the vault's user)
+/// and client CA, the handshake timeout, the request deadline, the stream
+/// limit and keepalive. `vault-load` builds its no-op server on it too, so
+/// both are measured with the same setup.
+pub fn server_builder(cfg: &Config) -> Result<Server, StartError> {
+    check_private(&cfg.tls.key, "TLS private key").map_err(|e| StartError::Tls(e.to_string()))?;
+    let key = Zeroizing::new(read(&cfg.tls.key)?);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
+        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
+        .timeout(cfg.limits.handshake_timeout());
+    Ok(Server::builder()
+        .tls_config(tls)
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .timeout(cfg.limits.request_timeout())
+        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30))))
+}
+
+/// gRPC server reflection over the vault's API and health, if configured.
+pub fn reflection_service(
+    cfg: &Config,
+) -> Result<
+    Option<
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+    >,
+    StartError,
+> {
+    if !cfg.server.reflection {
+        return Ok(None);
+    }
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map(Some)
+        .map_err(|e| StartError::Serve(e.to_string()))
+}
+
 /// Everything of [`serve`] but closing the store. Whatever can fail (the
 /// TLS material, reflection, the server settings) is done before any
 /// background task or re-encryption job starts.
@@ -310,12 +352,7 @@ async fn run(
     vault: &Arc<Vault>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    check_private(&cfg.tls.key, "TLS private key").map_err(|e| StartError::Tls(e.to_string()))?;
-    let key = Zeroizing::new(read(&cfg.tls.key)?);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
-        .timeout(cfg.limits.handshake_timeout());
+    let mut server = server_builder(cfg)?;
     let auth = Arc::new(Authenticator::new(cfg.grants()?));
     let limit = cfg.limits.max_message_bytes;
     let svc = TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))
@@ -328,24 +365,9 @@ async fn run(
     let audit_svc = AuditServiceServer::new(AuditServiceImpl::new(vault.clone(), auth))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(1 << 20);
-    let reflection = if cfg.server.reflection {
-        Some(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .map_err(|e| StartError::Serve(e.to_string()))?,
-        )
-    } else {
-        None
-    };
+    let reflection = reflection_service(cfg)?;
     let (health, health_svc) = tonic_health::server::health_reporter();
-    let router = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .timeout(cfg.limits.request_timeout())
-        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    let router = server
         .add_service(health_svc)
         .add_optional_service(reflection)
         .add_service(svc)

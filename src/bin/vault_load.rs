@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Channel, Identity, Server, ServerTlsConfig};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use tokenvault::client::{ClientPki, channel};
@@ -37,7 +37,7 @@ use tokenvault::devpki::{DevLayout, ensure_dev_dir};
 use tokenvault::proto;
 use tokenvault::proto::token_service_client::TokenServiceClient;
 use tokenvault::proto::token_service_server::{TokenService, TokenServiceServer};
-use tokenvault::server::{FILE_DESCRIPTOR_SET, load_kek, open_vault, serve};
+use tokenvault::server::{load_kek, open_vault, reflection_service, serve, server_builder};
 
 // The allocator the vault binary uses (see src/main.rs), for both servers.
 #[global_allocator]
@@ -257,19 +257,17 @@ impl TokenService for NoopService {
     }
 }
 
-/// Serves the no-op service with the TLS and server options of
-/// `tokenvault::server::serve`: same certificate and key, client CA required,
-/// TCP_NODELAY on accepted sockets, request timeout, stream limit, keepalive,
-/// message limits, health and (if configured) reflection.
+/// Serves the no-op service on the vault's own server settings
+/// (`tokenvault::server::server_builder`: same certificate and key, client
+/// CA required, handshake timeout, request timeout, stream limit,
+/// keepalive), with TCP_NODELAY on accepted sockets, the same message
+/// limits, health and (if configured) reflection.
 async fn serve_noop(
     listener: TcpListener,
     cfg: Config,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<(), BoxError> {
-    let key = std::fs::read(&cfg.tls.key)?;
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(std::fs::read(&cfg.tls.cert)?, &key))
-        .client_ca_root(Certificate::from_pem(std::fs::read(&cfg.tls.client_ca)?));
+    let mut server = server_builder(&cfg)?;
     let limit = cfg.limits.max_message_bytes;
     let svc = TokenServiceServer::new(NoopService::new())
         .max_decoding_message_size(limit)
@@ -278,27 +276,14 @@ async fn serve_noop(
     health
         .set_serving::<TokenServiceServer<NoopService>>()
         .await;
-    let reflection = if cfg.server.reflection {
-        Some(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()?,
-        )
-    } else {
-        None
-    };
+    let reflection = reflection_service(&cfg)?;
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
         }
         s
     });
-    Server::builder()
-        .tls_config(tls)?
-        .timeout(cfg.limits.request_timeout())
-        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    server
         .add_service(health_svc)
         .add_optional_service(reflection)
         .add_service(svc)
