@@ -147,8 +147,7 @@ fn open_store(cfg: &Config) -> Result<Arc<SqliteStore>, StartError> {
 /// Opens the store and the vault with `kek`. Refuses to start with the
 /// wrong KEK.
 pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, StartError> {
-    let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg)).await?;
-    Ok(vault.shared())
+    Ok(Vault::open(open_store(cfg)?, kek, vault_settings(cfg)).await?)
 }
 
 /// Opens the vault as configured: with its KEK loaded (file, environment,
@@ -156,18 +155,17 @@ pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, S
 /// split-knowledge KEK that custodians must rebuild.
 pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, StartError> {
     if cfg.kek.source == KekSource::Shamir {
-        let vault = Vault::open_sealed(open_store(cfg)?, vault_settings(cfg));
-        return Ok(vault.shared());
+        return Ok(Vault::open_sealed(open_store(cfg)?, vault_settings(cfg)));
     }
     let kek = load_kek(cfg, env)?;
     let snapshot = ReloadEnv::capture(cfg, env);
     let reload_cfg = cfg.clone();
-    let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg))
-        .await?
-        .with_reload(Box::new(move || {
-            load_kek(&reload_cfg, &snapshot).map_err(|e| e.to_string())
-        }));
-    Ok(vault.shared())
+    let vault = Vault::open(open_store(cfg)?, kek, vault_settings(cfg)).await?;
+    // An administrator can unseal it again by reloading its KEK.
+    vault.set_reload(Some(Box::new(move || {
+        load_kek(&reload_cfg, &snapshot).map_err(|e| e.to_string())
+    })));
+    Ok(vault)
 }
 
 /// The environment a KEK reload needs (`VAULT_KEK`, the HSM PIN), captured

@@ -325,9 +325,10 @@ impl Vault {
     /// recorded before it runs: the export must hold its own record, under a
     /// checkpoint of the head signed now, to be covered to its end. A failed
     /// checkpoint, or a failed page later, is recorded as well.
-    /// Returns the sequence number the export ends at: the head once its
-    /// own record is written (and, unsealed, signed), so that an export has
-    /// a fixed end however busy the vault is meanwhile.
+    /// Returns the sequence number the export ends at, so that it has a
+    /// fixed end however busy the vault is meanwhile: its own record, or,
+    /// unsealed, the checkpoint signed after it (which covers it), so that
+    /// the export ends signed.
     pub async fn begin_export(&self, caller: &Caller, after: u64) -> Result<u64, VaultError> {
         let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
         if let Err(e) = caller.authorize_all(Action::ReadAudit) {
@@ -336,8 +337,21 @@ impl Vault {
         }
         ev.detail = Some(format!("export after={after}"));
         let own = self.store.append_audit(ev).await.map_err(storage)?;
-        match self.checkpoint_now().await {
-            Ok(_) | Err(VaultError::Sealed) => Ok(own),
+        let signed = match self.checkpoint_now().await {
+            Ok(Some(cp)) => Ok(Some(cp.seq)),
+            // Nothing new to sign: the latest checkpoint already covers the
+            // head (another checkpointer got there first).
+            Ok(None) => self
+                .store
+                .latest_checkpoint()
+                .await
+                .map(|c| c.map(|c| c.seq))
+                .map_err(storage),
+            Err(VaultError::Sealed) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match signed {
+            Ok(cp) => Ok(cp.map_or(own, |c| c.max(own))),
             Err(e) => {
                 self.export_failed(caller, after, &e).await?;
                 Err(e)
@@ -401,7 +415,7 @@ mod tests {
         assert!(d.ends_with(r#" actor="x tenant=globex kind=key""#), "{d}");
     }
 
-    async fn vault() -> (tempfile::TempDir, Vault) {
+    async fn vault() -> (tempfile::TempDir, Arc<Vault>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).unwrap();
         let kek = Arc::new(LocalKek::from_key(&KeyBytes::generate().unwrap()));

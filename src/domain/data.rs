@@ -323,18 +323,20 @@ fn parse_token(s: &str) -> Result<Token, VaultError> {
     Token::parse(s).map_err(|e| VaultError::InvalidArgument(e.to_string()))
 }
 
+/// Characters free text in an audit record may not hold: control
+/// characters, and the invisible ones that can make a record read
+/// differently from what it stores (bidirectional embeddings, overrides
+/// and isolates, zero-width space, word joiners, byte-order mark). The
+/// joiners and direction marks that right-to-left and Indic text and emoji
+/// need (U+200C to U+200F) are allowed.
+pub(crate) fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
 /// A purpose is free text from the caller that lands in the audit log, so it
 /// is bounded and screened: a card number pasted into it would otherwise be
 /// stored in clear.
-/// Characters free text in an audit record may not hold: control
-/// characters, and the invisible format characters (bidirectional overrides
-/// and isolates, zero-width ones) that can make a record read differently
-/// from what it stores.
-pub(crate) fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
-}
-
 pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
     let p = purpose.trim();
     if p.is_empty() {
@@ -517,6 +519,8 @@ mod tests {
             assert!(check_purpose(&text).is_err(), "{text:?}");
         }
         assert!(check_purpose("refund order 42 — café").is_ok());
+        // Joiners and direction marks that scripts and emoji need.
+        assert!(check_purpose("refund order 42 \u{200C}\u{200D}\u{200E}\u{200F}").is_ok());
     }
 
     #[test]

@@ -260,17 +260,24 @@ impl Vault {
     /// re-wraps every live data key and the audit signing key under `new`
     /// and pins `new`, in one commit. Afterwards the old KEK is no longer
     /// needed, even to start. `approver` is the second administrator.
+    ///
+    /// `reload` (how to load `new` again after a seal) replaces the current
+    /// one in the same step, so the two never disagree.
     pub async fn rotate_kek_approved(
         &self,
         approver: &Caller,
         req: &PendingChange,
         new: Arc<dyn Kek>,
         reason: &str,
+        reload: Option<super::vault::KekLoader>,
     ) -> Result<String, VaultError> {
         let (approver, req, reason) = (approver.clone(), req.clone(), reason.to_owned());
         self.to_completion(move |v| async move {
-            v.rotate_kek_approved_now(&approver, &req, new, &reason)
-                .await
+            let id = v
+                .rotate_kek_approved_now(&approver, &req, new, &reason)
+                .await?;
+            v.set_reload(reload);
+            Ok(id)
         })
         .await
     }

@@ -163,10 +163,9 @@ impl Vault {
         }
     }
 
-    /// Puts the vault in the `Arc` it is served from. Key lifecycle steps
-    /// need this (see [`Vault::to_completion`]); a vault that is not shared
-    /// refuses them.
-    pub fn shared(self) -> Arc<Self> {
+    /// Puts the vault in the `Arc` it is served from, which it knows (see
+    /// [`Vault::to_completion`]). Every way to open a vault ends here.
+    fn shared(self) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             ..self
@@ -204,23 +203,17 @@ impl Vault {
         store: Arc<dyn Store>,
         kek: Arc<dyn Kek>,
         settings: VaultSettings,
-    ) -> Result<Self, OpenError> {
+    ) -> Result<Arc<Self>, OpenError> {
         let v = Self::new(store, settings);
         let keys = v.open_ring(kek).await?;
         v.install_ring(Some(keys));
-        Ok(v)
+        Ok(v.shared())
     }
 
     /// Opens the vault sealed: it answers every data call UNAVAILABLE until
     /// custodians unseal it.
-    pub fn open_sealed(store: Arc<dyn Store>, settings: VaultSettings) -> Self {
-        Self::new(store, settings)
-    }
-
-    /// Lets an administrator unseal a sealed vault by reloading its KEK.
-    pub fn with_reload(self, loader: KekLoader) -> Self {
-        self.set_reload(Some(loader));
-        self
+    pub fn open_sealed(store: Arc<dyn Store>, settings: VaultSettings) -> Arc<Self> {
+        Self::new(store, settings).shared()
     }
 
     /// Replaces how the KEK is reloaded (after a KEK rotation), or removes

@@ -269,18 +269,16 @@ impl KeyService for KeyServiceImpl {
                 return Err(st(e));
             }
         };
+        let reload = self.loader_for(&target);
         match self
             .vault
-            .rotate_kek_approved(&caller, &req, kek, &r.reason)
+            .rotate_kek_approved(&caller, &req, kek, &r.reason, reload)
             .await
         {
-            Ok(kek_id) => {
-                self.vault.set_reload(self.loader_for(&target));
-                Ok(Response::new(proto::RotateKekResponse {
-                    kek_id,
-                    share_files,
-                }))
-            }
+            Ok(kek_id) => Ok(Response::new(proto::RotateKekResponse {
+                kek_id,
+                share_files,
+            })),
             Err(e) => {
                 self.targets().insert(req.id, target);
                 self.vault.restore_change(req);

@@ -112,7 +112,14 @@ const MIGRATIONS: &[&str] = &[
     // too, not only by the vault's lifecycle lock. Rotation retires the old
     // key before inserting the new one, so it never trips this. The deks
     // table is tiny and off the tokenize path: the index costs nothing there.
-    "CREATE UNIQUE INDEX deks_one_active_per_tenant ON deks (tenant) WHERE state = 'active';",
+    // An older version could leave a second active key behind (a first-use
+    // key creation cut short after its commit); every such key but the
+    // newest, which is the one the key ring used, becomes decrypt-only
+    // first: it still opens its tokens, and re-encryption can move them.
+    "UPDATE deks SET state = 'decrypt-only'
+     WHERE state = 'active'
+       AND id < (SELECT MAX(n.id) FROM deks n WHERE n.tenant = deks.tenant AND n.state = 'active');
+    CREATE UNIQUE INDEX deks_one_active_per_tenant ON deks (tenant) WHERE state = 'active';",
 ];
 
 /// Brings the database to the newest schema, one transaction per version.
@@ -222,6 +229,24 @@ mod tests {
         c.execute("UPDATE deks SET state = 'decrypt-only' WHERE id = 1", [])
             .unwrap();
         add(&c, 3, 3, "active").unwrap();
+
+        // A database an older version left with two active keys for acme
+        // migrates, keeping the newest active.
+        c.execute_batch(
+            "DROP INDEX deks_one_active_per_tenant;
+             UPDATE deks SET state = 'active' WHERE id = 2;
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        migrate(&mut c).unwrap();
+        let active: Vec<u32> = c
+            .prepare("SELECT id FROM deks WHERE state = 'active' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(active, [3]);
     }
 
     /// With `recursive_triggers` (set on the writer's connection),
