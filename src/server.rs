@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -29,6 +27,7 @@ use crate::transport::audit::AuditServiceImpl;
 use crate::transport::auth::Authenticator;
 use crate::transport::grpc::TokenServiceImpl;
 use crate::transport::keys::KeyServiceImpl;
+use crate::transport::listener::Incoming;
 
 /// Encoded descriptors of `vault.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -333,12 +332,40 @@ pub fn reflection_service(
     if !cfg.server.reflection {
         return Ok(None);
     }
+    let limit = cfg.limits.max_message_bytes;
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map(Some)
+        .map(|svc| {
+            // Requests are names; answers are descriptors, which may be
+            // larger than any vault message (the whole API's is ~60 KiB).
+            Some(
+                svc.max_decoding_message_size(limit)
+                    .max_encoding_message_size(REFLECTION_MAX_ANSWER),
+            )
+        })
         .map_err(|e| StartError::Serve(e.to_string()))
+}
+
+/// The largest reflection answer: the descriptors of every service.
+const REFLECTION_MAX_ANSWER: usize = 1 << 20;
+
+/// The standard `grpc.health.v1` service, with the vault's message limit
+/// on what it reads (tonic's default would be 4 MiB), and its reporter.
+pub fn health_service(
+    cfg: &Config,
+) -> (
+    HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, svc) = tonic_health::server::health_reporter();
+    let limit = cfg.limits.max_message_bytes;
+    (
+        reporter,
+        svc.max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    )
 }
 
 /// Everything of [`serve`] but closing the store. Whatever can fail (the
@@ -364,7 +391,7 @@ async fn run(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(1 << 20);
     let reflection = reflection_service(cfg)?;
-    let (health, health_svc) = tonic_health::server::health_reporter();
+    let (health, health_svc) = health_service(cfg);
     let router = server
         .add_service(health_svc)
         .add_optional_service(reflection)
@@ -386,13 +413,7 @@ async fn run(
         vault.resume_jobs();
     }
 
-    // Small unary calls: Nagle's algorithm would only add latency.
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = Incoming::new(listener, cfg.limits.max_connections);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health.clone();

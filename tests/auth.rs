@@ -395,6 +395,14 @@ async fn health_reports_serving_over_mtls() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
+    // Health reads with the vault's message limit, not tonic's 4 MiB.
+    let s = h
+        .check(HealthCheckRequest {
+            service: "x".repeat(64 * 1024),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
 }
 
 async fn list_services(url: &str, pki: &ClientPki) -> Result<Vec<String>, tonic::Status> {

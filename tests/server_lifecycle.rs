@@ -218,3 +218,38 @@ async fn a_connection_that_never_handshakes_is_closed() {
     drop(checkout);
     v.stop().await;
 }
+
+/// With `limits.max_connections` taken, a new connection is not served
+/// (its TLS handshake gets no answer) until an open one closes; then it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    append_config(dir.path(), "[limits]\nmax_connections = 1\n");
+    let v = TestVault::start_in(dir).await;
+    let mut first = v.client(ACME_CHECKOUT).await;
+    call(first.tokenize(TokenizeRequest {
+        pan: visa_pan(9_200_000, 1),
+        expiry: None,
+    }))
+    .await
+    .unwrap();
+
+    let blocked = tokio::time::timeout(Duration::from_millis(500), v.client(ACME_CHECKOUT)).await;
+    assert!(
+        blocked.is_err(),
+        "a second connection was served while the only slot was taken"
+    );
+
+    drop(first);
+    let mut second = tokio::time::timeout(Duration::from_secs(30), v.client(ACME_CHECKOUT))
+        .await
+        .expect("the freed slot was never given to a waiting connection");
+    call(second.tokenize(TokenizeRequest {
+        pan: visa_pan(9_200_000, 2),
+        expiry: None,
+    }))
+    .await
+    .unwrap();
+    drop(second);
+    v.stop().await;
+}

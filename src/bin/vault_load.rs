@@ -26,8 +26,6 @@ use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -37,7 +35,10 @@ use tokenvault::devpki::{DevLayout, ensure_dev_dir};
 use tokenvault::proto;
 use tokenvault::proto::token_service_client::TokenServiceClient;
 use tokenvault::proto::token_service_server::{TokenService, TokenServiceServer};
-use tokenvault::server::{load_kek, open_vault, reflection_service, serve, server_builder};
+use tokenvault::server::{
+    health_service, load_kek, open_vault, reflection_service, serve, server_builder,
+};
+use tokenvault::transport::listener::Incoming;
 
 // The allocator the vault binary uses (see src/main.rs), for both servers.
 #[global_allocator]
@@ -260,8 +261,9 @@ impl TokenService for NoopService {
 /// Serves the no-op service on the vault's own server settings
 /// (`tokenvault::server::server_builder`: same certificate and key, client
 /// CA required, handshake timeout, request timeout, stream limit,
-/// keepalive), with TCP_NODELAY on accepted sockets, the same message
-/// limits, health and (if configured) reflection.
+/// keepalive), accepting through the same connection limit (with
+/// TCP_NODELAY), with the same message limits, health and (if configured)
+/// reflection.
 async fn serve_noop(
     listener: TcpListener,
     cfg: Config,
@@ -272,17 +274,12 @@ async fn serve_noop(
     let svc = TokenServiceServer::new(NoopService::new())
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let (health, health_svc) = tonic_health::server::health_reporter();
+    let (health, health_svc) = health_service(&cfg);
     health
         .set_serving::<TokenServiceServer<NoopService>>()
         .await;
     let reflection = reflection_service(&cfg)?;
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = Incoming::new(listener, cfg.limits.max_connections);
     server
         .add_service(health_svc)
         .add_optional_service(reflection)

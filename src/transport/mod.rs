@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod grpc;
 pub mod keys;
+pub mod listener;
 pub mod status;
 
 /// A UTC millisecond time as a protobuf timestamp.
