@@ -447,6 +447,13 @@ async fn run(
     };
     drop(checkpointer);
     report_not_serving(&health).await;
+    // Jobs pause, and key steps of calls that went away finish, before the
+    // final checkpoint, so it covers everything this process wrote.
+    if !vault.stop_background(drain).await {
+        warn!(
+            "background work still running after the drain time; rows it writes are covered by the next start's checkpoints"
+        );
+    }
     // The last word before stopping: a signed checkpoint of the final head.
     if !vault.is_sealed() {
         match vault.checkpoint_now().await {

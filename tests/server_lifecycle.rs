@@ -253,3 +253,91 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     drop(second);
     v.stop().await;
 }
+
+/// Shutdown pauses a running re-encryption job before the final signed
+/// checkpoint, so that checkpoint covers the last audit entry; the job
+/// stays running (nothing failed) and the next start finishes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_pauses_reencryption_before_the_final_checkpoint() {
+    use common::calls::tokenize_many;
+    use tokenvault::proto::{
+        GetJobRequest, JobState, RotateDataKeyRequest, StartReencryptionRequest,
+    };
+    const CARDS: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    append_config(
+        dir.path(),
+        "[keys]\nreencrypt_batch = 10\nreencrypt_pause_ms = 20\n",
+    );
+    let v = TestVault::start_in(dir).await;
+    let checkout = v.client(ACME_CHECKOUT).await;
+    assert_eq!(tokenize_many(&checkout, 9_300_000, CARDS).await.len(), 300);
+    let mut admin = v.keys(ADMIN).await;
+    call(admin.rotate_data_key(RotateDataKeyRequest {
+        tenant: "acme".into(),
+        reason: "rotation before re-encryption".into(),
+    }))
+    .await
+    .unwrap();
+    let job = call(admin.start_reencryption(StartReencryptionRequest {
+        tenant: "acme".into(),
+        reason: "move every token to the new key".into(),
+    }))
+    .await
+    .unwrap();
+    loop {
+        let j = call(admin.get_job(GetJobRequest { job_id: job.job_id }))
+            .await
+            .unwrap();
+        assert_eq!(j.state(), JobState::Running, "ended before the stop: {j:?}");
+        if j.done > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop((checkout, admin));
+    let db = v.db_path();
+    let dir = v.stop().await;
+
+    let c = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let one = |sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        one("SELECT max(seq) FROM audit"),
+        one("SELECT max(seq) FROM checkpoints"),
+        "audit entries were written after the final checkpoint"
+    );
+    let (state, done): (String, i64) = c
+        .query_row("SELECT state, done FROM jobs", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(state, "running", "the job should pause, not fail or finish");
+    assert!(
+        done < 300,
+        "the stop came after the job finished ({done} moved)"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM audit WHERE action LIKE 'reencrypt_fail%'"),
+        0
+    );
+    drop(c);
+
+    let v = TestVault::start_in(dir).await;
+    let mut admin = v.keys(ADMIN).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let j = loop {
+        let j = call(admin.get_job(GetJobRequest { job_id: job.job_id }))
+            .await
+            .unwrap();
+        if j.state() != JobState::Running {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "never resumed: {j:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(j.state(), JobState::Completed, "{j:?}");
+    assert_eq!(j.done, CARDS);
+    drop(admin);
+    v.stop().await;
+}

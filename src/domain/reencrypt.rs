@@ -120,7 +120,7 @@ impl Vault {
     /// Resumes every job left running by a previous process.
     pub fn resume_jobs(self: &Arc<Self>) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             match this.store.running_jobs().await {
                 Ok(jobs) => {
                     for j in jobs {
@@ -139,6 +139,9 @@ impl Vault {
     }
 
     fn spawn_job(self: &Arc<Self>, id: u64) {
+        if self.is_stopping() {
+            return;
+        }
         {
             let mut running = self
                 .running_jobs
@@ -149,9 +152,15 @@ impl Vault {
             }
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let res = loop {
                 match this.drive_job(id).await {
+                    // Shutting down: the job stays running in the store
+                    // and resumes at the next start.
+                    _ if this.is_stopping() => {
+                        info!(job = id, "vault stopping: re-encryption paused");
+                        break Ok(());
+                    }
                     // Sealed mid-batch: keys are gone, so the job pauses. If
                     // the vault was unsealed meanwhile, carry on at once
                     // (resume_jobs skipped it while it was still marked
@@ -170,6 +179,7 @@ impl Vault {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&id);
             if !this.is_sealed()
+                && !this.is_stopping()
                 && matches!(res, Ok(()))
                 && let Ok(Some(j)) = this.store.get_job(id).await
                 && j.state == JobState::Running
@@ -215,7 +225,7 @@ impl Vault {
                 .await
                 .map_err(storage)?
                 .ok_or(VaultError::Internal)?;
-            if job.state != JobState::Running {
+            if job.state != JobState::Running || self.is_stopping() {
                 return Ok(());
             }
             if self.is_sealed() {

@@ -7,10 +7,12 @@
 //! `reencrypt.rs`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::access::{Caller, TenantId};
@@ -69,6 +71,8 @@ pub type KekLoader = Box<dyn Fn() -> Result<Arc<dyn Kek>, String> + Send + Sync>
 
 pub(crate) const KEK_CHECK_AAD: &[u8] = b"tokenvault/kek-check/v1";
 pub(crate) const SYSTEM_ACTOR: &str = "system";
+/// What a key lifecycle step asked for during shutdown is told.
+const STOPPING: &str = "vault is shutting down; retry on another instance or after restart";
 
 pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
@@ -85,6 +89,13 @@ pub struct Vault {
     pub(crate) pending_changes: Mutex<HashMap<u64, PendingChange>>,
     pub(crate) running_jobs: Mutex<HashSet<u64>>,
     pub(crate) reload: RwLock<Option<Arc<KekLoader>>>,
+    /// Work that outlives the call that began it: key lifecycle steps run
+    /// [to completion](Vault::to_completion) and re-encryption jobs.
+    /// [`Vault::stop_background`] waits for it, so nothing is written after
+    /// the final checkpoint of a shutdown.
+    pub(crate) background: TaskTracker,
+    /// Set once by [`Vault::stop_background`]: no new background work.
+    stopping: AtomicBool,
     /// The `Arc` this vault lives in (see [`Vault::shared`]), so that a
     /// step which commits to the store and then updates memory can run as
     /// its own task, to completion, whatever happens to the call.
@@ -159,6 +170,8 @@ impl Vault {
             pending_changes: Mutex::default(),
             running_jobs: Mutex::default(),
             reload: RwLock::new(None),
+            background: TaskTracker::new(),
+            stopping: AtomicBool::new(false),
             me: Weak::new(),
         }
     }
@@ -190,10 +203,33 @@ impl Vault {
             error!("a key lifecycle step was asked of a vault that is not shared");
             return Err(VaultError::Internal);
         };
-        tokio::spawn(step(me)).await.map_err(|e| {
+        if self.is_stopping() {
+            return Err(VaultError::Unavailable(STOPPING.into()));
+        }
+        self.background.spawn(step(me)).await.map_err(|e| {
             error!(error = %e, "a key lifecycle step panicked");
             VaultError::Internal
         })?
+    }
+
+    /// Whether the vault is shutting down (see [`Vault::stop_background`]).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Shutdown, after the last call has been answered and before the final
+    /// checkpoint: starts no new background work, pauses re-encryption jobs
+    /// at their next batch (they stay `running` and resume at the next
+    /// start) and waits, up to `within`, for key lifecycle steps still
+    /// running for calls that went away. Returns whether everything ended
+    /// in time; what did not may still write after the final checkpoint
+    /// (the next start's checkpoints cover it).
+    pub async fn stop_background(&self, within: std::time::Duration) -> bool {
+        self.stopping.store(true, Ordering::Release);
+        self.background.close();
+        tokio::time::timeout(within, self.background.wait())
+            .await
+            .is_ok()
     }
 
     /// Opens the vault over `store` with `kek`. On a new database the KEK is
@@ -541,7 +577,75 @@ impl Vault {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
+    use crate::storage::sqlite::{SqliteOptions, SqliteStore};
+    use std::time::Duration;
+    use tokio::sync::oneshot;
+
+    fn sealed_vault(dir: &tempfile::TempDir) -> Arc<Vault> {
+        let store = SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).unwrap();
+        Vault::open_sealed(Arc::new(store), VaultSettings::default())
+    }
+
+    /// A step whose caller went away still runs; shutdown waits for it
+    /// before its final checkpoint, and no new step starts meanwhile.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stopping_waits_for_running_steps_and_refuses_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = sealed_vault(&dir);
+        let (started_tx, started_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let v = vault.clone();
+        let call = tokio::spawn(async move {
+            v.to_completion(move |_| async move {
+                started_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                Ok(())
+            })
+            .await
+        });
+        started_rx.await.unwrap();
+        call.abort();
+
+        let v = vault.clone();
+        let mut stop =
+            tokio::spawn(async move { v.stop_background(Duration::from_secs(60)).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut stop)
+                .await
+                .is_err(),
+            "shutdown went on while a key step was still running"
+        );
+        let refused = vault.to_completion(|_| async { Ok(()) }).await;
+        assert!(
+            matches!(&refused, Err(VaultError::Unavailable(m)) if m.contains("shutting down")),
+            "{refused:?}"
+        );
+        go_tx.send(()).unwrap();
+        assert!(
+            stop.await.unwrap(),
+            "the step ended, so shutdown should go on"
+        );
+    }
+
+    /// A step that never ends does not hold shutdown beyond its bound.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stopping_gives_up_after_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = sealed_vault(&dir);
+        let v = vault.clone();
+        let call = tokio::spawn(async move {
+            v.to_completion(|_| std::future::pending::<Result<(), VaultError>>())
+                .await
+        });
+        while vault.background.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert!(!vault.stop_background(Duration::from_millis(50)).await);
+        call.abort();
+    }
 
     #[test]
     fn corrupt_rows_are_data_loss_and_do_not_echo_the_row() {
