@@ -120,7 +120,7 @@ impl Vault {
     /// Resumes every job left running by a previous process.
     pub fn resume_jobs(self: &Arc<Self>) {
         let this = self.clone();
-        self.background.spawn(async move {
+        self.spawn_background(async move {
             match this.store.running_jobs().await {
                 Ok(jobs) => {
                     for j in jobs {
@@ -139,9 +139,6 @@ impl Vault {
     }
 
     fn spawn_job(self: &Arc<Self>, id: u64) {
-        if self.is_stopping() {
-            return;
-        }
         {
             let mut running = self
                 .running_jobs
@@ -152,7 +149,7 @@ impl Vault {
             }
         }
         let this = self.clone();
-        self.background.spawn(async move {
+        let spawned = self.spawn_background(async move {
             let res = loop {
                 match this.drive_job(id).await {
                     // Shutting down: the job stays running in the store
@@ -201,6 +198,13 @@ impl Vault {
                 }
             }
         });
+        if spawned.is_none() {
+            // Stopping: the job stays running in the store for the next start.
+            self.running_jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        }
     }
 
     /// Tokens of `tenant` whose key is decrypt-only.

@@ -7,7 +7,6 @@
 //! `reencrypt.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -95,7 +94,10 @@ pub struct Vault {
     /// the final checkpoint of a shutdown.
     pub(crate) background: TaskTracker,
     /// Set once by [`Vault::stop_background`]: no new background work.
-    stopping: AtomicBool,
+    /// A mutex, not an atomic: background work is spawned while it is
+    /// held (see [`Vault::spawn_background`]), so a spawn is either seen by
+    /// the shutdown's wait or refused, never slipped in between.
+    stopping: Mutex<bool>,
     /// The `Arc` this vault lives in (see [`Vault::shared`]), so that a
     /// step which commits to the store and then updates memory can run as
     /// its own task, to completion, whatever happens to the call.
@@ -171,7 +173,7 @@ impl Vault {
             running_jobs: Mutex::default(),
             reload: RwLock::new(None),
             background: TaskTracker::new(),
-            stopping: AtomicBool::new(false),
+            stopping: Mutex::new(false),
             me: Weak::new(),
         }
     }
@@ -203,10 +205,10 @@ impl Vault {
             error!("a key lifecycle step was asked of a vault that is not shared");
             return Err(VaultError::Internal);
         };
-        if self.is_stopping() {
+        let Some(task) = self.spawn_background(step(me)) else {
             return Err(VaultError::Unavailable(STOPPING.into()));
-        }
-        self.background.spawn(step(me)).await.map_err(|e| {
+        };
+        task.await.map_err(|e| {
             error!(error = %e, "a key lifecycle step panicked");
             VaultError::Internal
         })?
@@ -214,7 +216,18 @@ impl Vault {
 
     /// Whether the vault is shutting down (see [`Vault::stop_background`]).
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+        *self.stopping.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Spawns work that [`Vault::stop_background`] waits for; `None` once
+    /// the vault is stopping.
+    pub(crate) fn spawn_background<F>(&self, work: F) -> Option<tokio::task::JoinHandle<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let stopping = self.stopping.lock().unwrap_or_else(PoisonError::into_inner);
+        (!*stopping).then(|| self.background.spawn(work))
     }
 
     /// Shutdown, after the last call has been answered and before the final
@@ -225,7 +238,7 @@ impl Vault {
     /// in time; what did not may still write after the final checkpoint
     /// (the next start's checkpoints cover it).
     pub async fn stop_background(&self, within: std::time::Duration) -> bool {
-        self.stopping.store(true, Ordering::Release);
+        *self.stopping.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.background.close();
         tokio::time::timeout(within, self.background.wait())
             .await
