@@ -11,7 +11,9 @@
 //! needs no `unsafe`.
 
 use rustix::mm::{MlockAllFlags, mlockall};
-use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+use rustix::process::{
+    DumpableBehavior, Resource, Rlimit, getrlimit, set_dumpable_behavior, setrlimit,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HardeningError {
@@ -41,6 +43,28 @@ pub fn harden_process() -> Result<(), HardeningError> {
     set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(HardeningError::Dumpable)
 }
 
+/// Raises the soft limit on open files towards `wanted`, as far as the hard
+/// limit allows (raising the soft limit up to the hard one needs no
+/// privilege), and returns the soft limit now in force. Every connection is
+/// a file descriptor: a limit below `limits.max_connections` would turn a
+/// busy vault's accepts into EMFILE errors.
+pub fn raise_open_files(wanted: u64) -> Result<u64, rustix::io::Errno> {
+    let now = getrlimit(Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    if current >= wanted {
+        return Ok(current);
+    }
+    let target = now.maximum.map_or(wanted, |hard| wanted.min(hard));
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: now.maximum,
+        },
+    )?;
+    Ok(target)
+}
+
 /// Locks every page, present and future, in memory.
 pub fn lock_memory() -> Result<(), HardeningError> {
     mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).map_err(HardeningError::LockMemory)
@@ -49,7 +73,7 @@ pub fn lock_memory() -> Result<(), HardeningError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustix::process::{dumpable_behavior, getrlimit};
+    use rustix::process::dumpable_behavior;
 
     // Changes the test process itself: harmless for the other tests (they
     // neither dump core nor get traced), and nextest runs each test in a
@@ -63,5 +87,20 @@ mod tests {
         assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
         // Idempotent.
         harden_process().unwrap();
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_within_the_hard_limit() {
+        let before = getrlimit(Resource::Nofile);
+        let soft = before.current.unwrap_or(u64::MAX);
+        assert_eq!(
+            raise_open_files(soft.min(16)).unwrap(),
+            soft,
+            "never lowered"
+        );
+        let got = raise_open_files(u64::MAX).unwrap();
+        assert_eq!(Some(got), before.maximum.or(Some(u64::MAX)));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(got));
+        assert_eq!(getrlimit(Resource::Nofile).maximum, before.maximum);
     }
 }

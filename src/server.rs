@@ -417,6 +417,8 @@ async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health.clone();
+    let drain_began = Arc::new(std::sync::OnceLock::new());
+    let began = drain_began.clone();
     let signal = async move {
         shutdown.await;
         // Before the drain, so load balancers stop sending new calls while
@@ -426,6 +428,7 @@ async fn run(
         let _ = follow_seal.await;
         report_not_serving(&reporter).await;
         info!("shutdown requested: reporting NOT_SERVING, draining in-flight calls");
+        let _ = began.set(tokio::time::Instant::now());
         let _ = stop_tx.send(());
     };
     let serving = router.serve_with_incoming_shutdown(incoming, signal);
@@ -448,8 +451,14 @@ async fn run(
     drop(checkpointer);
     report_not_serving(&health).await;
     // Jobs pause, and key steps of calls that went away finish, before the
-    // final checkpoint, so it covers everything this process wrote.
-    if !vault.stop_background(drain).await {
+    // final checkpoint, so it covers everything this process wrote. They
+    // get what is left of the drain time (at least a second, for a job to
+    // finish its batch), so the whole shutdown stays near that time.
+    let left = drain_began
+        .get()
+        .map_or(drain, |t| drain.saturating_sub(t.elapsed()))
+        .max(Duration::from_secs(1));
+    if !vault.stop_background(left).await {
         warn!(
             "background work still running after the drain time; rows it writes are covered by the next start's checkpoints"
         );

@@ -192,12 +192,17 @@ async fn health_reports_not_serving_while_draining() {
 
 /// A connection that never starts its TLS handshake is closed once
 /// `limits.handshake_timeout_ms` passes, while the vault keeps serving:
-/// idle sockets cannot pile up before anyone is authenticated.
+/// idle sockets cannot pile up before anyone is authenticated. With one
+/// connection slot, the caller after it is served only if closing the idle
+/// socket gave its slot back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_never_handshakes_is_closed() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    append_config(dir.path(), "[limits]\nhandshake_timeout_ms = 300\n");
+    append_config(
+        dir.path(),
+        "[limits]\nhandshake_timeout_ms = 300\nmax_connections = 1\n",
+    );
     let v = TestVault::start_in(dir).await;
     let mut idle = tokio::net::TcpStream::connect(v.addr).await.unwrap();
     let mut buf = [0u8; 16];

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tokenvault::config::{Config, ProcessEnv};
 use tokenvault::devpki::{DEV_CLIENTS, ensure_dev_dir};
-use tokenvault::hardening::lock_memory;
+use tokenvault::hardening::{lock_memory, raise_open_files};
 use tokenvault::server::{StartError, open_configured, serve as serve_vault, shutdown_signal};
 
 pub async fn dev(data_dir: &Path, listen: SocketAddr) -> Result<(), String> {
@@ -40,6 +40,22 @@ async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<()
             variables = ?cfg.env_overrides,
             "configuration file settings overridden from the environment"
         );
+    }
+    // Every connection is a descriptor; the store, its readers and logs
+    // need some more.
+    let wanted = u64::try_from(cfg.limits.max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(256);
+    match raise_open_files(wanted) {
+        Ok(open_files) if open_files < wanted => tracing::warn!(
+            open_files,
+            max_connections = cfg.limits.max_connections,
+            "the open-files limit is below limits.max_connections plus 256: near the \
+             limit, accepts fail (EMFILE) and are retried; raise LimitNOFILE or lower \
+             limits.max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
     }
     if cfg.server.reflection {
         tracing::warn!("gRPC server reflection is on: turn it off in production");

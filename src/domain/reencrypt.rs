@@ -326,3 +326,89 @@ impl Vault {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::crypto::kek::{KeyBytes, LocalKek};
+    use crate::domain::access::{Grant, Role, RoleSet, TenantScope};
+    use crate::domain::pan::luhn_valid;
+    use crate::domain::vault::VaultSettings;
+    use crate::storage::sqlite::{SqliteOptions, SqliteStore};
+
+    fn caller(scope: TenantScope, role: Role) -> Caller {
+        Caller {
+            identity: "spiffe://test/caller".into(),
+            peer: None,
+            grant: Some(Grant {
+                scope,
+                roles: RoleSet::new([role]),
+            }),
+        }
+    }
+
+    /// The `n`th stand-in card number, made at run time.
+    fn card(n: u64) -> String {
+        let body = format!("4{:014}", 930_000_000 + n);
+        (0..=9)
+            .map(|d| format!("{body}{d}"))
+            .find(|c| luhn_valid(c.as_bytes()))
+            .unwrap()
+    }
+
+    /// Shutdown pauses a running job with the store still open: once
+    /// `stop_background` returns, the job writes nothing more, it is no
+    /// longer running in this process, and it stays `running` in the store
+    /// for the next start (not failed, not finished).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stopping_pauses_a_running_job_which_then_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).unwrap();
+        let kek = Arc::new(LocalKek::from_key(&KeyBytes::generate().unwrap()));
+        let settings = VaultSettings {
+            reencrypt_batch: 5,
+            reencrypt_pause_ms: 10,
+            ..VaultSettings::default()
+        };
+        let vault = Vault::open(Arc::new(store), kek, settings).await.unwrap();
+        let admin = caller(TenantScope::All, Role::Admin);
+        let checkout = caller(
+            TenantScope::One(TenantId::parse("acme").unwrap()),
+            Role::Tokenize,
+        );
+        for n in 0..100 {
+            vault.tokenize(&checkout, &card(n), None).await.unwrap();
+        }
+        vault
+            .rotate_dek(&admin, "acme", "before re-encryption")
+            .await
+            .unwrap();
+        let job = vault
+            .start_reencryption(&admin, "acme", "move the tokens")
+            .await
+            .unwrap();
+        while vault.job(&admin, job.id).await.unwrap().done == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+
+        assert!(vault.stop_background(Duration::from_secs(30)).await);
+        assert!(
+            vault.running_jobs.lock().unwrap().is_empty(),
+            "the job still counts as running in this process"
+        );
+        let paused = vault.store.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(paused.state, JobState::Running);
+        assert!(paused.done < 100, "the job finished before the stop");
+        let seq = vault.store.audit_head().await.unwrap().0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let later = vault.store.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(
+            later.done, paused.done,
+            "the job moved tokens after the stop"
+        );
+        assert_eq!(vault.store.audit_head().await.unwrap().0, seq);
+        vault.store.close().await.unwrap();
+    }
+}

@@ -8,8 +8,9 @@
 //! sockets are freed by the handshake timeout; the rest belong to callers
 //! with a client certificate from the configured CA.
 //!
-//! An accept error (EMFILE, ENFILE, ENOBUFS…) is logged and retried after
-//! a short pause rather than in a tight loop.
+//! An accept error of the listener (EMFILE, ENFILE, ENOBUFS…) is logged and
+//! retried after a short pause rather than in a tight loop; one of a single
+//! connection (aborted, reset) is skipped at once.
 
 use std::future::Future as _;
 use std::io;
@@ -76,6 +77,9 @@ impl Stream for Incoming {
                     _slot: slot,
                 })))
             }
+            // A connection that went away before it was accepted: nothing
+            // is wrong with the listener, so accept the next one at once.
+            Err(e) if is_per_connection(&e) => Poll::Ready(Some(Err(e))),
             Err(e) => {
                 warn!(error = %e, "accepting a connection failed; retrying shortly");
                 this.retry = Some(Box::pin(tokio::time::sleep(ACCEPT_RETRY)));
@@ -83,6 +87,16 @@ impl Stream for Incoming {
             }
         }
     }
+}
+
+/// Errors of one connection rather than of the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
 }
 
 /// An accepted TCP connection and the slot it holds until dropped.
