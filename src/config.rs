@@ -185,10 +185,13 @@ pub struct Limits {
     /// one that sends nothing is closed then, so idle sockets cannot pile
     /// up before anyone is authenticated.
     pub handshake_timeout_ms: u64,
-    /// Connections open at once. When all are taken the vault stops
-    /// accepting until one closes, so a flood of connections waits in the
-    /// kernel's backlog instead of using the vault's memory.
+    /// Authenticated connections open at once. When all are taken the
+    /// vault stops accepting until one closes, so a flood of connections
+    /// waits in the kernel's backlog instead of using the vault's memory.
     pub max_connections: usize,
+    /// TLS handshakes in progress at once. A new connection beyond this
+    /// closes the oldest pending handshake (see `transport::listener`).
+    pub max_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -199,6 +202,7 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             handshake_timeout_ms: 10_000,
             max_connections: 1024,
+            max_handshakes: 256,
         }
     }
 }
@@ -421,6 +425,9 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return bad("limits.max_connections must be at least 1".into());
+        }
+        if self.limits.max_handshakes == 0 {
+            return bad("limits.max_handshakes must be at least 1".into());
         }
         // Zero streams would admit no call at all; zero drain seconds would
         // abandon every in-flight call at the first signal.

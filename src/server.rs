@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -27,7 +29,7 @@ use crate::transport::audit::AuditServiceImpl;
 use crate::transport::auth::Authenticator;
 use crate::transport::grpc::TokenServiceImpl;
 use crate::transport::keys::KeyServiceImpl;
-use crate::transport::listener::Incoming;
+use crate::transport::listener::{Bounds, Incoming};
 
 /// Encoded descriptors of `vault.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -298,24 +300,81 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The server every listener of the vault is built on: mutual TLS with the
-/// configured certificate, key (which must be private to the vault's user)
-/// and client CA, the handshake timeout, the request deadline, the stream
-/// limit and keepalive. `vault-load` builds its no-op server on it too, so
-/// both are measured with the same setup.
-pub fn server_builder(cfg: &Config) -> Result<Server, StartError> {
-    check_private(&cfg.tls.key, "TLS private key").map_err(|e| StartError::Tls(e.to_string()))?;
-    let key = Zeroizing::new(read(&cfg.tls.key)?);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&cfg.tls.cert)?, &*key))
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
-        .timeout(cfg.limits.handshake_timeout());
-    Ok(Server::builder()
-        .tls_config(tls)
-        .map_err(|e| StartError::Tls(e.to_string()))?
+/// The server every listener of the vault is built on: the request
+/// deadline, the stream limit and keepalive. TLS is not tonic's here: the
+/// vault's listener runs the handshake (see [`tls_config`], [`incoming`]).
+/// `vault-load` builds its no-op server on these too, so both are measured
+/// with the same setup.
+pub fn server_builder(cfg: &Config) -> Server {
+    Server::builder()
         .timeout(cfg.limits.request_timeout())
         .max_concurrent_streams(cfg.limits.max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30))))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+}
+
+/// Mutual TLS with the configured certificate, key (which must be private
+/// to the vault's user) and client CA: TLS 1.2 and 1.3 only, with ring; a
+/// client certificate chaining to the CA is required; HTTP/2 by ALPN.
+pub fn tls_config(cfg: &Config) -> Result<Arc<ServerConfig>, StartError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    check_private(&cfg.tls.key, "TLS private key").map_err(|e| StartError::Tls(e.to_string()))?;
+    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        StartError::Tls(format!("{what} ({}): {e}", path.display()))
+    };
+    let key_pem = Zeroizing::new(read(&cfg.tls.key)?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| bad("cannot read the TLS private key", &cfg.tls.key, &e))?;
+    let certs = CertificateDer::pem_slice_iter(&read(&cfg.tls.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("cannot read the TLS certificate", &cfg.tls.cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "no certificate",
+            &cfg.tls.cert,
+            &"the file holds no PEM certificate",
+        ));
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read(&cfg.tls.client_ca)?) {
+        let ca = ca.map_err(|e| bad("cannot read the client CA", &cfg.tls.client_ca, &e))?;
+        roots
+            .add(ca)
+            .map_err(|e| bad("unusable client CA certificate", &cfg.tls.client_ca, &e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(
+            "no client CA",
+            &cfg.tls.client_ca,
+            &"the file holds no PEM certificate",
+        ));
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("the TLS certificate and key do not fit", &cfg.tls.cert, &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts on `listener` with `tls`, within the configured connection,
+/// handshake and handshake-time limits.
+pub fn incoming(listener: TcpListener, tls: Arc<ServerConfig>, cfg: &Config) -> Incoming {
+    Incoming::new(
+        listener,
+        tls,
+        Bounds {
+            max_connections: cfg.limits.max_connections,
+            max_handshakes: cfg.limits.max_handshakes,
+            handshake_timeout: cfg.limits.handshake_timeout(),
+        },
+    )
 }
 
 /// gRPC server reflection over the vault's API and health, if configured.
@@ -377,7 +436,8 @@ async fn run(
     vault: &Arc<Vault>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let mut server = server_builder(cfg)?;
+    let mut server = server_builder(cfg);
+    let tls = tls_config(cfg)?;
     let auth = Arc::new(Authenticator::new(cfg.grants()?));
     let limit = cfg.limits.max_message_bytes;
     let svc = TokenServiceServer::new(TokenServiceImpl::new(vault.clone(), auth.clone()))
@@ -413,7 +473,7 @@ async fn run(
         vault.resume_jobs();
     }
 
-    let incoming = Incoming::new(listener, cfg.limits.max_connections);
+    let incoming = incoming(listener, tls, cfg);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health.clone();

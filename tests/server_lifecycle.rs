@@ -192,9 +192,9 @@ async fn health_reports_not_serving_while_draining() {
 
 /// A connection that never starts its TLS handshake is closed once
 /// `limits.handshake_timeout_ms` passes, while the vault keeps serving:
-/// idle sockets cannot pile up before anyone is authenticated. With one
-/// connection slot, the caller after it is served only if closing the idle
-/// socket gave its slot back.
+/// idle sockets cannot pile up before anyone is authenticated. A pending
+/// handshake takes no connection slot: with only one, the caller after it
+/// is served.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_never_handshakes_is_closed() {
     use tokio::io::AsyncReadExt;
@@ -225,7 +225,7 @@ async fn a_connection_that_never_handshakes_is_closed() {
 }
 
 /// With `limits.max_connections` taken, a new connection is not served
-/// (its TLS handshake gets no answer) until an open one closes; then it is.
+/// until an open one closes; then it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,23 +239,63 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     .await
     .unwrap();
 
-    let blocked = tokio::time::timeout(Duration::from_millis(500), v.client(ACME_CHECKOUT)).await;
+    let mut second = Box::pin(async {
+        let mut c = v.client(ACME_CHECKOUT).await;
+        call(c.tokenize(TokenizeRequest {
+            pan: visa_pan(9_200_000, 2),
+            expiry: None,
+        }))
+        .await
+        .unwrap();
+        c
+    });
     assert!(
-        blocked.is_err(),
+        tokio::time::timeout(Duration::from_millis(500), &mut second)
+            .await
+            .is_err(),
         "a second connection was served while the only slot was taken"
     );
-
     drop(first);
-    let mut second = tokio::time::timeout(Duration::from_secs(30), v.client(ACME_CHECKOUT))
+    let second = tokio::time::timeout(Duration::from_secs(30), second)
         .await
-        .expect("the freed slot was never given to a waiting connection");
-    call(second.tokenize(TokenizeRequest {
-        pan: visa_pan(9_200_000, 2),
+        .expect("the freed slot was never given to the waiting connection");
+    drop(second);
+    v.stop().await;
+}
+
+/// With the handshake budget full of connections that never handshake
+/// (and a handshake timeout far away), a real caller still gets in: it
+/// evicts the oldest pending handshake, which is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_handshake_budget_gives_way_to_a_new_caller() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    append_config(
+        dir.path(),
+        "[limits]\nmax_handshakes = 2\nhandshake_timeout_ms = 600000\n",
+    );
+    let v = TestVault::start_in(dir).await;
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(v.addr).await.unwrap());
+    }
+    let mut checkout = tokio::time::timeout(Duration::from_secs(30), v.client(ACME_CHECKOUT))
+        .await
+        .expect("stalled handshakes kept a caller out");
+    call(checkout.tokenize(TokenizeRequest {
+        pan: visa_pan(9_400_000, 1),
         expiry: None,
     }))
     .await
     .unwrap();
-    drop(second);
+    // The oldest stalled socket was closed to make room.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(30), idle[0].read(&mut buf))
+        .await
+        .expect("the oldest pending handshake was not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    drop((checkout, idle));
     v.stop().await;
 }
 

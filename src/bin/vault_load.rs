@@ -36,9 +36,9 @@ use tokenvault::proto;
 use tokenvault::proto::token_service_client::TokenServiceClient;
 use tokenvault::proto::token_service_server::{TokenService, TokenServiceServer};
 use tokenvault::server::{
-    health_service, load_kek, open_vault, reflection_service, serve, server_builder,
+    health_service, incoming, load_kek, open_vault, reflection_service, serve, server_builder,
+    tls_config,
 };
-use tokenvault::transport::listener::Incoming;
 
 // The allocator the vault binary uses (see src/main.rs), for both servers.
 #[global_allocator]
@@ -259,17 +259,18 @@ impl TokenService for NoopService {
 }
 
 /// Serves the no-op service on the vault's own server settings
-/// (`tokenvault::server::server_builder`: same certificate and key, client
-/// CA required, handshake timeout, request timeout, stream limit,
-/// keepalive), accepting through the same connection limit (with
-/// TCP_NODELAY), with the same message limits, health and (if configured)
-/// reflection.
+/// (`tokenvault::server`: `server_builder` for the request timeout, stream
+/// limit and keepalive; `tls_config` and `incoming` for the same
+/// certificate and key, client CA required, handshake and connection
+/// limits, TCP_NODELAY), with the same message limits, health and (if
+/// configured) reflection.
 async fn serve_noop(
     listener: TcpListener,
     cfg: Config,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<(), BoxError> {
-    let mut server = server_builder(&cfg)?;
+    let mut server = server_builder(&cfg);
+    let tls = tls_config(&cfg)?;
     let limit = cfg.limits.max_message_bytes;
     let svc = TokenServiceServer::new(NoopService::new())
         .max_decoding_message_size(limit)
@@ -279,7 +280,7 @@ async fn serve_noop(
         .set_serving::<TokenServiceServer<NoopService>>()
         .await;
     let reflection = reflection_service(&cfg)?;
-    let incoming = Incoming::new(listener, cfg.limits.max_connections);
+    let incoming = incoming(listener, tls, &cfg);
     server
         .add_service(health_svc)
         .add_optional_service(reflection)

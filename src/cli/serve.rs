@@ -45,14 +45,15 @@ async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<()
     // need some more.
     let wanted = u64::try_from(cfg.limits.max_connections)
         .unwrap_or(u64::MAX)
+        .saturating_add(u64::try_from(cfg.limits.max_handshakes).unwrap_or(u64::MAX))
         .saturating_add(256);
     match raise_open_files(wanted) {
         Ok(open_files) if open_files < wanted => tracing::warn!(
             open_files,
             max_connections = cfg.limits.max_connections,
-            "the open-files limit is below limits.max_connections plus 256: near the \
-             limit, accepts fail (EMFILE) and are retried; raise LimitNOFILE or lower \
-             limits.max_connections"
+            "the open-files limit is below limits.max_connections plus max_handshakes \
+             plus 256: near the limit, accepts fail (EMFILE) and are retried; raise \
+             LimitNOFILE or lower those limits"
         ),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),

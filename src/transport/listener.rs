@@ -1,91 +1,229 @@
-//! Accepting connections: at most `limits.max_connections` open at once.
+//! Accepting connections: mutual TLS, with bounded handshakes and a bounded
+//! number of connections.
 //!
-//! Each accepted socket holds one slot until it closes. When every slot is
-//! taken the vault stops accepting, so new connections wait in the kernel's
-//! backlog (and time out there) instead of each costing a task, a TLS
-//! handshake and buffers: a flood of connections cannot exhaust the
-//! vault's memory or file descriptors. Slots held by unauthenticated
-//! sockets are freed by the handshake timeout; the rest belong to callers
-//! with a client certificate from the configured CA.
+//! The vault runs the TLS handshake itself (rather than leaving it to
+//! tonic) so that the two kinds of connection get separate budgets:
+//!
+//! - **Handshakes** (no one authenticated yet): at most
+//!   `limits.max_handshakes` at once, each closed after
+//!   `limits.handshake_timeout_ms`. When the budget is full, a new
+//!   connection evicts the *oldest* pending handshake. A real client
+//!   finishes its handshake in milliseconds, so a flood of bare or stalled
+//!   connections cannot keep callers out unless it opens `max_handshakes`
+//!   new connections within one handshake's time.
+//! - **Connections** (the handshake verified a client certificate from the
+//!   configured CA): at most `limits.max_connections`. While they are all
+//!   taken the vault stops accepting, so new connections wait in the
+//!   kernel's backlog; one that completes its handshake when none is free
+//!   (a race) waits for a slot, still counted as a pending handshake.
+//!
+//! A connection's TLS stream carries its peer address and certificate chain
+//! to tonic exactly as tonic's own TLS would (`TlsConnectInfo`), so caller
+//! identity and audit peers are unchanged.
 //!
 //! An accept error of the listener (EMFILE, ENFILE, ENOBUFS…) is logged and
 //! retried after a short pause rather than in a tight loop; one of a single
 //! connection (aborted, reset) is skipped at once.
 
-use std::future::Future as _;
+use std::collections::BTreeMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::AbortHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
-use tokio_util::sync::PollSemaphore;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// How long to wait after a failed `accept` before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// The listening socket as a stream of connections, each holding a slot.
+/// What bounds the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// The listening socket as a stream of authenticated TLS connections.
+/// Dropping it stops accepting, closes the listening socket and abandons
+/// the handshakes in progress.
 pub struct Incoming {
-    listener: TcpListener,
-    slots: PollSemaphore,
-    slot: Option<OwnedSemaphorePermit>,
-    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    rx: mpsc::Receiver<TlsStream<Connection>>,
+    accept: AbortHandle,
+    pending: Arc<Pending>,
 }
 
 impl Incoming {
-    /// Serves at most `max_connections` (at least 1) connections at once.
-    pub fn new(listener: TcpListener, max_connections: usize) -> Self {
-        Self {
+    /// Accepts on `listener`, handshaking with `tls` within `bounds`.
+    pub fn new(listener: TcpListener, tls: Arc<ServerConfig>, bounds: Bounds) -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        let pending = Arc::new(Pending::new(bounds.max_handshakes));
+        let accept = tokio::spawn(accept_loop(
             listener,
-            slots: PollSemaphore::new(Arc::new(Semaphore::new(max_connections.max(1)))),
-            slot: None,
-            retry: None,
+            TlsAcceptor::from(tls),
+            bounds,
+            pending.clone(),
+            tx,
+        ))
+        .abort_handle();
+        Self {
+            rx,
+            accept,
+            pending,
         }
     }
 }
 
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.pending.abort_all();
+    }
+}
+
 impl Stream for Incoming {
-    type Item = io::Result<Connection>;
+    type Item = io::Result<TlsStream<Connection>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if let Some(retry) = &mut this.retry {
-            ready!(retry.as_mut().poll(cx));
-            this.retry = None;
+        self.rx.poll_recv(cx).map(|c| c.map(Ok))
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    bounds: Bounds,
+    pending: Arc<Pending>,
+    ready: mpsc::Sender<TlsStream<Connection>>,
+) {
+    let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
+    loop {
+        // Accept only while a connection could be served; the semaphore is
+        // never closed, so this only waits.
+        if let Ok(free) = slots.acquire().await {
+            drop(free);
         }
-        if this.slot.is_none() {
-            // The semaphore is never closed, so `None` cannot happen; end
-            // the stream rather than spin if it somehow did.
-            let Some(slot) = ready!(this.slots.poll_acquire(cx)) else {
-                return Poll::Ready(None);
-            };
-            this.slot = Some(slot);
-        }
-        match ready!(this.listener.poll_accept(cx)) {
-            Ok((stream, _)) => {
-                // Small unary calls: Nagle's algorithm would only add latency.
-                let _ = stream.set_nodelay(true);
-                let slot = this.slot.take();
-                Poll::Ready(Some(Ok(Connection {
-                    stream,
-                    _slot: slot,
-                })))
-            }
-            // A connection that went away before it was accepted: nothing
-            // is wrong with the listener, so accept the next one at once.
-            Err(e) if is_per_connection(&e) => Poll::Ready(Some(Err(e))),
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
                 warn!(error = %e, "accepting a connection failed; retrying shortly");
-                this.retry = Some(Box::pin(tokio::time::sleep(ACCEPT_RETRY)));
-                Poll::Ready(Some(Err(e)))
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Small unary calls: Nagle's algorithm would only add latency.
+        let _ = stream.set_nodelay(true);
+        let (tls, slots, ready, done) =
+            (tls.clone(), slots.clone(), ready.clone(), pending.clone());
+        pending.start(|id| {
+            tokio::spawn(async move {
+                let conn = Connection {
+                    stream,
+                    _slot: None,
+                };
+                let shaken = tokio::time::timeout(bounds.handshake_timeout, tls.accept(conn)).await;
+                match shaken {
+                    Ok(Ok(mut tls)) => {
+                        // Rarely, every slot was taken while this one shook
+                        // hands: it waits, still counted (and evictable) as
+                        // pending, until a connection closes.
+                        let Ok(slot) = slots.acquire_owned().await else {
+                            return;
+                        };
+                        done.finish(id);
+                        tls.get_mut().0._slot = Some(slot);
+                        let _ = ready.send(tls).await;
+                    }
+                    Ok(Err(e)) => {
+                        done.finish(id);
+                        debug!(error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        done.finish(id);
+                        debug!("TLS handshake timed out");
+                    }
+                }
+            })
+            .abort_handle()
+        });
+    }
+}
+
+/// The handshakes in progress, oldest first, at most `max` of them.
+struct Pending {
+    max: usize,
+    inner: Mutex<PendingInner>,
+}
+
+#[derive(Default)]
+struct PendingInner {
+    next: u64,
+    tasks: BTreeMap<u64, AbortHandle>,
+}
+
+impl Pending {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Starts a handshake task (under the lock, so it cannot finish before
+    /// it is recorded) and evicts the oldest ones beyond the budget.
+    fn start(&self, spawn: impl FnOnce(u64) -> AbortHandle) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = inner.next;
+        inner.next += 1;
+        let task = spawn(id);
+        inner.tasks.insert(id, task);
+        while inner.tasks.len() > self.max {
+            if let Some((_, oldest)) = inner.tasks.pop_first() {
+                debug!("handshake budget full: closing the oldest pending handshake");
+                oldest.abort();
             }
         }
+    }
+
+    fn finish(&self, id: u64) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tasks
+            .remove(&id);
+    }
+
+    fn abort_all(&self) {
+        let tasks = std::mem::take(
+            &mut self
+                .inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .tasks,
+        );
+        for task in tasks.into_values() {
+            task.abort();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tasks
+            .len()
     }
 }
 
@@ -99,7 +237,8 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-/// An accepted TCP connection and the slot it holds until dropped.
+/// An accepted TCP connection and, once its handshake authenticated the
+/// client, the connection slot it holds until dropped.
 pub struct Connection {
     stream: TcpStream,
     _slot: Option<OwnedSemaphorePermit>,
@@ -160,29 +299,36 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
-    use tokio_stream::StreamExt;
 
-    /// The second connection is accepted only once the first is dropped.
+    /// Beyond the budget the oldest handshakes are aborted, newest kept;
+    /// finished ones leave the set.
     #[tokio::test]
-    async fn a_full_listener_accepts_again_when_a_connection_closes() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut incoming = Incoming::new(listener, 1);
-        let c1 = TcpStream::connect(addr).await.unwrap();
-        let first = incoming.next().await.unwrap().unwrap();
-        assert_eq!(
-            first.connect_info().remote_addr(),
-            Some(c1.local_addr().unwrap())
+    async fn a_full_handshake_budget_evicts_the_oldest() {
+        let pending = Pending::new(2);
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            pending.start(|_| {
+                let t = tokio::spawn(std::future::pending::<()>());
+                let h = t.abort_handle();
+                tasks.push(t);
+                h
+            });
+        }
+        assert_eq!(pending.len(), 2);
+        let first = tasks.remove(0);
+        assert!(
+            first.await.unwrap_err().is_cancelled(),
+            "the oldest was kept"
         );
-        let c2 = TcpStream::connect(addr).await.unwrap();
-        // With the only slot taken, the stream does not accept c2.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        assert!(Pin::new(&mut incoming).poll_next(&mut cx).is_pending());
-        drop(first);
-        let second = incoming.next().await.unwrap().unwrap();
-        assert_eq!(
-            second.connect_info().remote_addr(),
-            Some(c2.local_addr().unwrap())
-        );
+        assert!(!tasks[0].is_finished() && !tasks[1].is_finished());
+        // A finished handshake leaves the set; abort_all stops the rest.
+        pending.finish(1);
+        assert_eq!(pending.len(), 1);
+        pending.abort_all();
+        assert_eq!(pending.len(), 0);
+        let (second, third) = (tasks.remove(0), tasks.remove(0));
+        assert!(third.await.unwrap_err().is_cancelled());
+        assert!(!second.is_finished(), "a finished handshake was aborted");
+        second.abort();
     }
 }
