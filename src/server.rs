@@ -323,8 +323,14 @@ pub fn tls_config(cfg: &Config) -> Result<Arc<ServerConfig>, StartError> {
         StartError::Tls(format!("{what} ({}): {e}", path.display()))
     };
     let key_pem = Zeroizing::new(read(&cfg.tls.key)?);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| bad("cannot read the TLS private key", &cfg.tls.key, &e))?;
+    // The parser's own error may quote the file: never put it in a message.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+        bad(
+            "cannot read the TLS private key",
+            &cfg.tls.key,
+            &"not a PEM private key (PKCS#8, PKCS#1 or SEC1)",
+        )
+    })?;
     let certs = CertificateDer::pem_slice_iter(&read(&cfg.tls.cert)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad("cannot read the TLS certificate", &cfg.tls.cert, &e))?;

@@ -87,11 +87,18 @@ async fn a_failed_start_closes_the_store() {
     let key = ensure_layout(dir.path()).root.join("pki/server.key");
     let good = std::fs::read(&key).unwrap();
     std::fs::remove_file(&key).unwrap();
-    tokenvault::fsutil::write_private(&key, b"not a PEM key\n").unwrap();
+    tokenvault::fsutil::write_private(&key, b"-----BEGIN PRIVATE KEY-----\nMIIEvQIBADAN\n")
+        .unwrap();
 
     let (vault, served) = serve_dev(dir.path(), std::future::pending()).await;
     let e = served.expect_err("a vault with an unusable TLS key served");
     assert!(matches!(e, StartError::Tls(_)), "{e}");
+    // Names the file, never quotes it.
+    let text = e.to_string();
+    assert!(
+        text.contains("server.key") && !text.contains("MIIE"),
+        "{text}"
+    );
     let after = vault.store().append_audit(an_event()).await;
     assert!(
         matches!(&after, Err(e) if e.to_string().contains("closed")),
