@@ -423,11 +423,11 @@ impl Config {
         if self.limits.handshake_timeout_ms == 0 {
             return bad("limits.handshake_timeout_ms must be at least 1".into());
         }
-        if self.limits.max_connections == 0 {
-            return bad("limits.max_connections must be at least 1".into());
+        if !(1..=1_000_000).contains(&self.limits.max_connections) {
+            return bad("limits.max_connections must be between 1 and 1000000".into());
         }
-        if self.limits.max_handshakes == 0 {
-            return bad("limits.max_handshakes must be at least 1".into());
+        if !(1..=100_000).contains(&self.limits.max_handshakes) {
+            return bad("limits.max_handshakes must be between 1 and 100000".into());
         }
         // Zero streams would admit no call at all; zero drain seconds would
         // abandon every in-flight call at the first signal.
@@ -643,7 +643,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_streams_or_drain_seconds_are_refused_by_name() {
+    fn zero_streams_drain_seconds_or_connection_limits_are_refused_by_name() {
         let (_d, p) = with_files();
         for (section, needle) in [
             (
@@ -653,6 +653,18 @@ mod tests {
             (
                 "[server]\ndrain_seconds = 0",
                 "server.drain_seconds must be at least 1",
+            ),
+            (
+                "[limits]\nmax_connections = 0",
+                "limits.max_connections must be between 1 and 1000000",
+            ),
+            (
+                "[limits]\nmax_connections = 2000000",
+                "limits.max_connections must be between 1 and 1000000",
+            ),
+            (
+                "[limits]\nmax_handshakes = 0",
+                "limits.max_handshakes must be between 1 and 100000",
             ),
         ] {
             std::fs::write(&p, format!("{BASE}\n{section}\n")).unwrap();

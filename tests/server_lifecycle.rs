@@ -199,17 +199,12 @@ async fn health_reports_not_serving_while_draining() {
 
 /// A connection that never starts its TLS handshake is closed once
 /// `limits.handshake_timeout_ms` passes, while the vault keeps serving:
-/// idle sockets cannot pile up before anyone is authenticated. A pending
-/// handshake takes no connection slot: with only one, the caller after it
-/// is served.
+/// idle sockets cannot pile up before anyone is authenticated.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_never_handshakes_is_closed() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    append_config(
-        dir.path(),
-        "[limits]\nhandshake_timeout_ms = 300\nmax_connections = 1\n",
-    );
+    append_config(dir.path(), "[limits]\nhandshake_timeout_ms = 300\n");
     let v = TestVault::start_in(dir).await;
     let mut idle = tokio::net::TcpStream::connect(v.addr).await.unwrap();
     let mut buf = [0u8; 16];
@@ -232,7 +227,9 @@ async fn a_connection_that_never_handshakes_is_closed() {
 }
 
 /// With `limits.max_connections` taken, a new connection is not served
-/// until an open one closes; then it is.
+/// until an open one closes (it waits in the backlog or, if it was already
+/// shaking hands as the slot went, for a slot within its handshake time);
+/// then it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,14 +269,16 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
 
 /// With the handshake budget full of connections that never handshake
 /// (and a handshake timeout far away), a real caller still gets in: it
-/// evicts the oldest pending handshake, which is closed.
+/// evicts the oldest pending handshake, which is closed, and the newer one
+/// stays. Pending handshakes take no connection slot: with only one, the
+/// caller gets it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_handshake_budget_gives_way_to_a_new_caller() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
     append_config(
         dir.path(),
-        "[limits]\nmax_handshakes = 2\nhandshake_timeout_ms = 600000\n",
+        "[limits]\nmax_handshakes = 2\nmax_connections = 1\nhandshake_timeout_ms = 600000\n",
     );
     let v = TestVault::start_in(dir).await;
     let mut idle = Vec::new();
@@ -302,6 +301,11 @@ async fn a_full_handshake_budget_gives_way_to_a_new_caller() {
         .expect("the oldest pending handshake was not closed")
         .unwrap_or(0);
     assert_eq!(n, 0);
+    let newer = tokio::time::timeout(Duration::from_millis(200), idle[1].read(&mut buf)).await;
+    assert!(
+        newer.is_err(),
+        "the newer pending handshake was closed too: {newer:?}"
+    );
     drop((checkout, idle));
     v.stop().await;
 }

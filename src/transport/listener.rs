@@ -14,8 +14,10 @@
 //! - **Connections** (the handshake verified a client certificate from the
 //!   configured CA): at most `limits.max_connections`. While they are all
 //!   taken the vault stops accepting, so new connections wait in the
-//!   kernel's backlog; one that completes its handshake when none is free
-//!   (a race) waits for a slot, still counted as a pending handshake.
+//!   kernel's backlog. One that completes its handshake when none is free
+//!   (a burst can be shaking hands as the last slots go) waits for a slot
+//!   within its handshake time, still counted as a pending handshake, and
+//!   is closed if none frees.
 //!
 //! A connection's TLS stream carries its peer address and certificate chain
 //! to tonic exactly as tonic's own TLS would (`TlsConnectInfo`), so caller
@@ -29,7 +31,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -41,7 +43,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 /// How long to wait after a failed `accept` before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -68,11 +70,14 @@ impl Incoming {
     pub fn new(listener: TcpListener, tls: Arc<ServerConfig>, bounds: Bounds) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let pending = Arc::new(Pending::new(bounds.max_handshakes));
+        let slots = Arc::new(Semaphore::new(
+            bounds.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+        ));
         let accept = tokio::spawn(accept_loop(
             listener,
             TlsAcceptor::from(tls),
             bounds,
-            pending.clone(),
+            (slots, pending.clone()),
             tx,
         ))
         .abort_handle();
@@ -95,7 +100,12 @@ impl Stream for Incoming {
     type Item = io::Result<TlsStream<Connection>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx).map(|c| c.map(Ok))
+        let next = ready!(self.rx.poll_recv(cx));
+        if next.is_none() {
+            // The accept loop never returns: it ended only by panicking.
+            error!("the listener stopped unexpectedly; no more connections are accepted");
+        }
+        Poll::Ready(next.map(Ok))
     }
 }
 
@@ -103,10 +113,9 @@ async fn accept_loop(
     listener: TcpListener,
     tls: TlsAcceptor,
     bounds: Bounds,
-    pending: Arc<Pending>,
+    (slots, pending): (Arc<Semaphore>, Arc<Pending>),
     ready: mpsc::Sender<TlsStream<Connection>>,
 ) {
-    let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     loop {
         // Accept only while a connection could be served; the semaphore is
         // never closed, so this only waits.
@@ -132,27 +141,23 @@ async fn accept_loop(
                     stream,
                     _slot: None,
                 };
-                let shaken = tokio::time::timeout(bounds.handshake_timeout, tls.accept(conn)).await;
-                match shaken {
-                    Ok(Ok(mut tls)) => {
-                        // Rarely, every slot was taken while this one shook
-                        // hands: it waits, still counted (and evictable) as
-                        // pending, until a connection closes.
-                        let Ok(slot) = slots.acquire_owned().await else {
-                            return;
-                        };
-                        done.finish(id);
+                // The handshake, and (rarely: every slot was taken while it
+                // shook hands) the wait for a free slot, within the
+                // handshake time; still counted, and evictable, as pending.
+                let admitted = tokio::time::timeout(bounds.handshake_timeout, async {
+                    let tls = tls.accept(conn).await?;
+                    let slot = slots.acquire_owned().await.map_err(io::Error::other)?;
+                    Ok::<_, io::Error>((tls, slot))
+                })
+                .await;
+                done.finish(id);
+                match admitted {
+                    Ok(Ok((mut tls, slot))) => {
                         tls.get_mut().0._slot = Some(slot);
                         let _ = ready.send(tls).await;
                     }
-                    Ok(Err(e)) => {
-                        done.finish(id);
-                        debug!(error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        done.finish(id);
-                        debug!("TLS handshake timed out");
-                    }
+                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => debug!("TLS handshake (or the wait for a free slot) timed out"),
                 }
             })
             .abort_handle()
@@ -170,6 +175,8 @@ struct Pending {
 struct PendingInner {
     next: u64,
     tasks: BTreeMap<u64, AbortHandle>,
+    /// Set by `abort_all`: the listener is gone, start nothing more.
+    closed: bool,
 }
 
 impl Pending {
@@ -181,9 +188,13 @@ impl Pending {
     }
 
     /// Starts a handshake task (under the lock, so it cannot finish before
-    /// it is recorded) and evicts the oldest ones beyond the budget.
+    /// it is recorded) and evicts the oldest ones beyond the budget. Once
+    /// closed, `spawn` is dropped uncalled, and the connection with it.
     fn start(&self, spawn: impl FnOnce(u64) -> AbortHandle) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.closed {
+            return;
+        }
         let id = inner.next;
         inner.next += 1;
         let task = spawn(id);
@@ -205,13 +216,11 @@ impl Pending {
     }
 
     fn abort_all(&self) {
-        let tasks = std::mem::take(
-            &mut self
-                .inner
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .tasks,
-        );
+        let tasks = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner.closed = true;
+            std::mem::take(&mut inner.tasks)
+        };
         for task in tasks.into_values() {
             task.abort();
         }
