@@ -91,6 +91,23 @@ impl DevCa {
         self.issue(params)
     }
 
+    /// A client certificate naming `identity`, valid only between the two
+    /// times (for tests of expired and not-yet-valid certificates).
+    pub fn client_valid_between(
+        &self,
+        identity: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
+        params.distinguished_name = dn(identity);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        self.issue(params)
+    }
+
     /// A client certificate with only a subject CN (no SAN).
     pub fn client_cn(&self, cn: &str) -> Result<Issued, rcgen::Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;

@@ -210,6 +210,41 @@ roles = ["detokenize"]
     }
 }
 
+/// A certificate from the right CA, for a mapped identity, is refused
+/// outside its validity period: expired, or not yet valid.
+#[tokio::test]
+async fn expired_or_not_yet_valid_client_certificates_are_refused() {
+    use time::{Duration as Days, OffsetDateTime};
+    let v = CustomVault::start().await;
+    let now = OffsetDateTime::now_utc();
+    let tls_for = |issued: &Issued| {
+        let pki = pki_of(v.ca.cert_pem().into_bytes(), issued);
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &pki.cert_pem,
+                &*pki.key_pem,
+            ))
+            .domain_name("localhost")
+    };
+    for (what, from, to) in [
+        ("expired", now - Days::days(10), now - Days::days(1)),
+        ("not yet valid", now + Days::days(1), now + Days::days(10)),
+    ] {
+        let issued =
+            v.ca.client_valid_between(CUSTOM_CHECKOUT, from, to)
+                .unwrap();
+        let r = connect_and_call(&v.url(), tls_for(&issued)).await;
+        assert!(r.is_err(), "a certificate that is {what} was served");
+    }
+    // Control: the same identity, valid now, is served.
+    let issued =
+        v.ca.client_valid_between(CUSTOM_CHECKOUT, now - Days::days(1), now + Days::days(1))
+            .unwrap();
+    connect_and_call(&v.url(), tls_for(&issued)).await.unwrap();
+    v.stop().await;
+}
+
 #[tokio::test]
 async fn unmapped_identity_is_denied_everything_and_audited() {
     let v = CustomVault::start().await;
