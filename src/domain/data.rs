@@ -3,6 +3,8 @@
 //! key ring and the store, and leaves an audit record, committed before the
 //! caller is answered, whatever the outcome.
 
+use std::sync::Arc;
+
 use tracing::error;
 use zeroize::Zeroizing;
 
@@ -304,7 +306,7 @@ impl Vault {
     /// Fetches a token's record if it exists and belongs to a tenant the
     /// caller reaches. Another tenant's token is reported exactly like a
     /// missing one.
-    async fn find(&self, caller: &Caller, token: &Token) -> Result<TokenRecord, VaultError> {
+    async fn find(&self, caller: &Caller, token: &Token) -> Result<Arc<TokenRecord>, VaultError> {
         let rec = self
             .store
             .get_token(token)

@@ -10,6 +10,8 @@
 //!   order, and are never updated or deleted.
 //! - Stored values are opaque bytes to the store: it never sees plaintext.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use thiserror::Error;
 
@@ -242,7 +244,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a token and its audit event in one commit. `Conflict` if the
     /// token exists.
     async fn insert_token(&self, rec: TokenRecord, audit: AuditEvent) -> Result<(), StoreError>;
-    async fn get_token(&self, token: &Token) -> Result<Option<TokenRecord>, StoreError>;
+    /// The token's row. Shared, not copied: a backend may hand out the row
+    /// it caches.
+    async fn get_token(&self, token: &Token) -> Result<Option<Arc<TokenRecord>>, StoreError>;
     /// Deletes the token if it belongs to `tenant`, committing `audit` with
     /// it; when nothing was deleted the audit outcome is rewritten to
     /// `not_found`. Returns whether a row was deleted.

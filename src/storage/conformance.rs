@@ -123,7 +123,7 @@ pub async fn token_round_trip<B: Backend>(b: &B) -> CheckResult {
         "insert_token",
     )?;
     let got = ok(s.get_token(&rec.token).await, "get_token")?;
-    ensure(got.as_ref() == Some(&rec), format!("read back {got:?}"))?;
+    ensure(got.as_deref() == Some(&rec), format!("read back {got:?}"))?;
     ensure(
         ok(s.get_token(&token(2)).await, "get_token")?.is_none(),
         "missing token must read as None",

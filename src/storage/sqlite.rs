@@ -430,9 +430,9 @@ impl Store for SqliteStore {
             .map(|_| ())
     }
 
-    async fn get_token(&self, token: &Token) -> Result<Option<TokenRecord>, StoreError> {
+    async fn get_token(&self, token: &Token) -> Result<Option<Arc<TokenRecord>>, StoreError> {
         if let Some(rec) = self.cache.get(token) {
-            return Ok(Some((*rec).clone()));
+            return Ok(Some(rec));
         }
         let epoch = self.cache.epoch();
         let rec = self.read(|c| {
@@ -444,8 +444,9 @@ impl Store for SqliteStore {
             .query_row(params![&token.as_bytes()[..]], token_from_row)
             .optional()
         })?;
+        let rec = rec.map(Arc::new);
         if let Some(r) = &rec {
-            self.cache.fill(epoch, r.clone());
+            self.cache.fill(epoch, Arc::clone(r));
         }
         Ok(rec)
     }

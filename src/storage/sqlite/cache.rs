@@ -56,10 +56,10 @@ impl TokenCache {
     }
 
     /// Adds a row a reader read, unless anything was removed since `epoch`.
-    pub fn fill(&self, epoch: u64, rec: TokenRecord) {
+    pub fn fill(&self, epoch: u64, rec: Arc<TokenRecord>) {
         let mut g = self.lock();
         if g.epoch == epoch {
-            Self::put_locked(&mut g, self.capacity, Arc::new(rec));
+            Self::put_locked(&mut g, self.capacity, rec);
         }
     }
 
@@ -113,13 +113,13 @@ mod tests {
         let c = TokenCache::new(10);
         let e = c.epoch();
         c.remove([token(1)]);
-        c.fill(e, record(token(1), "acme"));
+        c.fill(e, Arc::new(record(token(1), "acme")));
         assert!(
             c.get(&token(1)).is_none(),
             "a stale read must not be cached"
         );
         let e = c.epoch();
-        c.fill(e, record(token(1), "acme"));
+        c.fill(e, Arc::new(record(token(1), "acme")));
         assert!(c.get(&token(1)).is_some());
         c.remove([token(1)]);
         assert!(c.get(&token(1)).is_none());
