@@ -310,6 +310,70 @@ async fn a_full_handshake_budget_gives_way_to_a_new_caller() {
     v.stop().await;
 }
 
+/// A flood of stalled connections from one host (127.0.0.2) closes only
+/// its own pending handshakes: a caller from another host (127.0.0.1) that
+/// is still shaking hands keeps its place, and a new caller from there
+/// still gets in while the flood holds the rest of the budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_from_one_host_closes_only_its_own_handshakes() {
+    use tokio::io::AsyncReadExt;
+    const FLOOD: usize = 12;
+    const BUDGET: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    append_config(
+        dir.path(),
+        &format!("[limits]\nmax_handshakes = {BUDGET}\nhandshake_timeout_ms = 600000\n"),
+    );
+    let v = TestVault::start_in(dir).await;
+    let mut slow_caller = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        flood.push(socket.connect(v.addr).await.unwrap());
+    }
+    // The flood can keep at most BUDGET - 1 pending beside the slow caller:
+    // wait until all the others have been closed.
+    let mut reads = tokio::task::JoinSet::new();
+    for mut s in flood {
+        reads.spawn(async move {
+            let mut buf = [0u8; 16];
+            let closed = matches!(s.read(&mut buf).await, Ok(0) | Err(_));
+            (closed, s)
+        });
+    }
+    let mut kept = Vec::new();
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut closed = 0;
+        while closed < FLOOD - (BUDGET - 1) {
+            let (was_closed, s) = reads.join_next().await.unwrap().unwrap();
+            assert!(was_closed, "a flood socket got data before its handshake");
+            closed += 1;
+            kept.push(s);
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the flood's own handshakes were not closed");
+    let mut checkout = tokio::time::timeout(Duration::from_secs(30), v.client(ACME_CHECKOUT))
+        .await
+        .expect("a one-host flood kept a caller from another host out");
+    call(checkout.tokenize(TokenizeRequest {
+        pan: visa_pan(9_500_000, 1),
+        expiry: None,
+    }))
+    .await
+    .unwrap();
+    let mut buf = [0u8; 16];
+    let slow = tokio::time::timeout(Duration::from_millis(300), slow_caller.read(&mut buf)).await;
+    assert!(
+        slow.is_err(),
+        "the flood closed another host's pending handshake: {slow:?}"
+    );
+    reads.abort_all();
+    drop((checkout, kept, slow_caller));
+    v.stop().await;
+}
+
 /// Shutdown pauses a running re-encryption job before the final signed
 /// checkpoint, so that checkpoint covers the last audit entry; the job
 /// stays running (nothing failed) and the next start finishes it.

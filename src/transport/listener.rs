@@ -7,10 +7,13 @@
 //! - **Handshakes** (no one authenticated yet): at most
 //!   `limits.max_handshakes` at once, each closed after
 //!   `limits.handshake_timeout_ms`. When the budget is full, a new
-//!   connection evicts the *oldest* pending handshake. A real client
-//!   finishes its handshake in milliseconds, so a flood of bare or stalled
-//!   connections cannot keep callers out unless it opens `max_handshakes`
-//!   new connections within one handshake's time.
+//!   connection evicts the oldest pending handshake *of the source holding
+//!   the most* (a source is an IPv4 address or an IPv6 /64). A flood from
+//!   one host therefore only ever closes its own handshakes while anyone
+//!   else is shaking hands. A flood spread over many sources closes the
+//!   oldest pending handshakes first; a real client finishes its handshake
+//!   in milliseconds, so such a flood keeps callers out only if it opens
+//!   `max_handshakes` new connections within one handshake's time.
 //! - **Connections** (the handshake verified a client certificate from the
 //!   configured CA): at most `limits.max_connections`. While they are all
 //!   taken the vault stops accepting, so new connections wait in the
@@ -27,8 +30,9 @@
 //! retried after a short pause rather than in a tight loop; one of a single
 //! connection (aborted, reset) is skipped at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
@@ -122,8 +126,8 @@ async fn accept_loop(
         if let Ok(free) = slots.acquire().await {
             drop(free);
         }
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
                 warn!(error = %e, "accepting a connection failed; retrying shortly");
@@ -135,7 +139,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (tls, slots, ready, done) =
             (tls.clone(), slots.clone(), ready.clone(), pending.clone());
-        pending.start(|id| {
+        pending.start(Source::of(peer.ip()), |id| {
             tokio::spawn(async move {
                 let conn = Connection {
                     stream,
@@ -165,6 +169,27 @@ async fn accept_loop(
     }
 }
 
+/// Where a connection comes from, for sharing the handshake budget: an
+/// IPv4 address, or the /64 prefix of an IPv6 one (a single host commonly
+/// holds a whole /64). IPv4-mapped IPv6 addresses count as IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Source(IpAddr);
+
+impl Source {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Source(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !u128::from(u64::MAX);
+                    Source(IpAddr::V6(Ipv6Addr::from(prefix)))
+                }
+            },
+        }
+    }
+}
+
 /// The handshakes in progress, oldest first, at most `max` of them.
 struct Pending {
     max: usize,
@@ -174,9 +199,34 @@ struct Pending {
 #[derive(Default)]
 struct PendingInner {
     next: u64,
-    tasks: BTreeMap<u64, AbortHandle>,
+    tasks: BTreeMap<u64, (Source, AbortHandle)>,
+    /// Pending handshakes per source; sources with none are removed.
+    per_source: HashMap<Source, usize>,
     /// Set by `abort_all`: the listener is gone, start nothing more.
     closed: bool,
+}
+
+impl PendingInner {
+    fn remove(&mut self, id: u64) -> Option<AbortHandle> {
+        let (source, task) = self.tasks.remove(&id)?;
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        Some(task)
+    }
+
+    /// The handshake to close when the budget overflows: the oldest one of
+    /// the source (or, on a tie, the sources) holding the most.
+    fn victim(&self) -> Option<u64> {
+        let most = self.per_source.values().copied().max()?;
+        self.tasks
+            .iter()
+            .find(|(_, (source, _))| self.per_source.get(source) == Some(&most))
+            .map(|(id, _)| *id)
+    }
 }
 
 impl Pending {
@@ -187,10 +237,11 @@ impl Pending {
         }
     }
 
-    /// Starts a handshake task (under the lock, so it cannot finish before
-    /// it is recorded) and evicts the oldest ones beyond the budget. Once
-    /// closed, `spawn` is dropped uncalled, and the connection with it.
-    fn start(&self, spawn: impl FnOnce(u64) -> AbortHandle) {
+    /// Starts a handshake task from `source` (under the lock, so it cannot
+    /// finish before it is recorded) and, beyond the budget, evicts the
+    /// oldest handshakes of whichever source holds the most. Once closed,
+    /// `spawn` is dropped uncalled, and the connection with it.
+    fn start(&self, source: Source, spawn: impl FnOnce(u64) -> AbortHandle) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.closed {
             return;
@@ -198,11 +249,15 @@ impl Pending {
         let id = inner.next;
         inner.next += 1;
         let task = spawn(id);
-        inner.tasks.insert(id, task);
+        inner.tasks.insert(id, (source, task));
+        *inner.per_source.entry(source).or_insert(0) += 1;
         while inner.tasks.len() > self.max {
-            if let Some((_, oldest)) = inner.tasks.pop_first() {
-                debug!("handshake budget full: closing the oldest pending handshake");
-                oldest.abort();
+            let Some(victim) = inner.victim() else { break };
+            if let Some(task) = inner.remove(victim) {
+                debug!(
+                    "handshake budget full: closing the oldest pending handshake of the busiest source"
+                );
+                task.abort();
             }
         }
     }
@@ -211,17 +266,17 @@ impl Pending {
         self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .tasks
-            .remove(&id);
+            .remove(id);
     }
 
     fn abort_all(&self) {
         let tasks = {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             inner.closed = true;
+            inner.per_source.clear();
             std::mem::take(&mut inner.tasks)
         };
-        for task in tasks.into_values() {
+        for (_, task) in tasks.into_values() {
             task.abort();
         }
     }
@@ -316,7 +371,7 @@ mod tests {
         let pending = Pending::new(2);
         let mut tasks = Vec::new();
         for _ in 0..3 {
-            pending.start(|_| {
+            pending.start(LOCAL, |_| {
                 let t = tokio::spawn(std::future::pending::<()>());
                 let h = t.abort_handle();
                 tasks.push(t);
@@ -339,5 +394,65 @@ mod tests {
         assert!(third.await.unwrap_err().is_cancelled());
         assert!(!second.is_finished(), "a finished handshake was aborted");
         second.abort();
+    }
+
+    const LOCAL: Source = Source(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    fn source(s: &str) -> Source {
+        Source::of(s.parse().unwrap())
+    }
+
+    /// Starts a never-ending handshake task from `from`.
+    fn stall(pending: &Pending, from: Source) -> tokio::task::JoinHandle<()> {
+        let mut task = None;
+        pending.start(from, |_| {
+            let t = tokio::spawn(std::future::pending::<()>());
+            let h = t.abort_handle();
+            task = Some(t);
+            h
+        });
+        task.unwrap()
+    }
+
+    /// A flood from one source closes only its own handshakes, oldest
+    /// first, however early the others started; on a tie between sources
+    /// the oldest handshake of the tied sources goes.
+    #[tokio::test]
+    async fn a_full_budget_evicts_from_the_busiest_source() {
+        let pending = Pending::new(3);
+        let early = stall(&pending, source("10.0.0.1"));
+        let flood: Vec<_> = (0..6)
+            .map(|_| stall(&pending, source("10.0.0.66")))
+            .collect();
+        assert_eq!(pending.len(), 3);
+        assert!(
+            !early.is_finished(),
+            "another source's handshake was closed"
+        );
+        let mut flood = flood.into_iter();
+        for _ in 0..4 {
+            let t = flood.next().unwrap();
+            assert!(t.await.unwrap_err().is_cancelled(), "not oldest first");
+        }
+        let (f5, f6) = (flood.next().unwrap(), flood.next().unwrap());
+        assert!(!f5.is_finished() && !f6.is_finished());
+        // 10.0.0.1 now has two, the flood two: a tie, and `early` is the
+        // oldest of the tied sources' handshakes.
+        let late = stall(&pending, source("10.0.0.1"));
+        assert!(early.await.unwrap_err().is_cancelled());
+        assert!(!late.is_finished() && !f5.is_finished() && !f6.is_finished());
+        pending.abort_all();
+        for t in [late, f5, f6] {
+            assert!(t.await.unwrap_err().is_cancelled());
+        }
+    }
+
+    #[test]
+    fn sources_are_v4_addresses_and_v6_prefixes() {
+        assert_eq!(source("192.0.2.7"), source("::ffff:192.0.2.7"));
+        assert_ne!(source("192.0.2.7"), source("192.0.2.8"));
+        assert_eq!(source("2001:db8:1:2::1"), source("2001:db8:1:2:ffff::9"));
+        assert_eq!(source("2001:db8:1:2::1"), source("2001:db8:1:2::"));
+        assert_ne!(source("2001:db8:1:2::1"), source("2001:db8:1:3::1"));
     }
 }
