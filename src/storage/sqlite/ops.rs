@@ -48,7 +48,7 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-pub fn apply(tx: &Connection, op: &Op, ctx: &mut BatchCtx<'_>) -> Result<Done, OpError> {
+pub fn apply<'a>(tx: &'a Connection, op: &Op, ctx: &mut BatchCtx<'a>) -> Result<Done, OpError> {
     match op {
         Op::PinKek(check, audit) => {
             let mut st = tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
@@ -150,10 +150,10 @@ pub fn apply(tx: &Connection, op: &Op, ctx: &mut BatchCtx<'_>) -> Result<Done, O
 
 /// Runs `f` inside a savepoint: a rejected request is rolled back to it, so
 /// it leaves nothing behind even after some of its statements succeeded.
-fn savepoint(
-    tx: &Connection,
-    ctx: &mut BatchCtx<'_>,
-    f: impl FnOnce(&Connection, &mut BatchCtx<'_>) -> Result<Done, OpError>,
+fn savepoint<'a>(
+    tx: &'a Connection,
+    ctx: &mut BatchCtx<'a>,
+    f: impl FnOnce(&'a Connection, &mut BatchCtx<'a>) -> Result<Done, OpError>,
 ) -> Result<Done, OpError> {
     let (seq, head, destroyed) = (ctx.next_seq, ctx.chain_head, ctx.newly_destroyed.len());
     tx.execute_batch("SAVEPOINT op").map_err(fatal)?;
@@ -174,10 +174,10 @@ fn savepoint(
     }
 }
 
-fn audit_unit(
-    tx: &Connection,
+fn audit_unit<'a>(
+    tx: &'a Connection,
     audit: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     append_audit(tx, audit, ctx).map_err(OpError::Fatal)?;
     Ok(Done::Unit)
@@ -201,11 +201,11 @@ fn insert_dek(tx: &Connection, d: &WrappedDek) -> Result<(), OpError> {
     Ok(())
 }
 
-fn insert_token(
-    tx: &Connection,
+fn insert_token<'a>(
+    tx: &'a Connection,
     r: &TokenRecord,
     audit: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     // A tokenize that picked its key just before the key was destroyed must
     // not store a ciphertext nobody can ever open.
@@ -235,12 +235,12 @@ fn insert_token(
     Ok(Done::Unit)
 }
 
-fn delete_token(
-    tx: &Connection,
+fn delete_token<'a>(
+    tx: &'a Connection,
     token: &Token,
     tenant: &str,
     audit: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     let dek: Option<u32> = tx
         .prepare_cached("DELETE FROM tokens WHERE token = ?1 AND tenant = ?2 RETURNING dek_id")?
@@ -261,12 +261,12 @@ fn delete_token(
 /// the scan's snapshot included every commit up to `since`. The key is
 /// still unreferenced now unless a token was put under it after that, which
 /// the writer knows, so such a destroy is refused and can be retried.
-fn destroy_dek(
-    tx: &Connection,
+fn destroy_dek<'a>(
+    tx: &'a Connection,
     id: u32,
     since: u64,
     audit: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     let state: Option<String> = tx
         .prepare_cached("SELECT state FROM deks WHERE id = ?1")?
@@ -296,11 +296,11 @@ fn destroy_dek(
     Ok(Done::Unit)
 }
 
-fn shred_tenant(
-    tx: &Connection,
+fn shred_tenant<'a>(
+    tx: &'a Connection,
     tenant: &str,
     audit: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     let ids = tx
         .prepare_cached(
@@ -321,12 +321,12 @@ fn shred_tenant(
     Ok(Done::Ids(ids))
 }
 
-fn rewrap(
-    tx: &Connection,
+fn rewrap<'a>(
+    tx: &'a Connection,
     pin: &KekCheck,
     rows: &[(u32, Vec<u8>)],
     audit: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     let mut live: Vec<u32> = tx
         .prepare_cached("SELECT id FROM deks WHERE state != 'destroyed' ORDER BY id")?
@@ -367,12 +367,12 @@ fn create_job(tx: &Connection, j: &JobRecord) -> Result<u64, OpError> {
     Ok(u64::try_from(tx.last_insert_rowid()).unwrap_or(0))
 }
 
-fn reencrypt(
-    tx: &Connection,
+fn reencrypt<'a>(
+    tx: &'a Connection,
     job: u64,
     rows: &[Reencrypted],
     checkpoint: &Option<Token>,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
     if rows.iter().any(|r| ctx.is_destroyed(r.new_dek)) {
         return Err(rejected("the target data key was destroyed"));
@@ -437,46 +437,56 @@ fn reencrypt(
     Ok(Done::Count(applied))
 }
 
-pub fn append_audit(
-    tx: &Connection,
+pub fn append_audit<'a>(
+    tx: &'a Connection,
     e: &AuditEvent,
-    ctx: &mut BatchCtx<'_>,
+    ctx: &mut BatchCtx<'a>,
 ) -> Result<u64, StoreError> {
     let seq = ctx.next_seq;
     // The chain is computed here, in the one ordered write path, so sequence
     // and chain can never disagree.
     let entry_hash = Entry::of_event(seq, e).hash();
     let chain_hash = link(&ctx.chain_head, &entry_hash);
-    tx.prepare_cached(
-        "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer, purpose,
-                            detail, key_id, key_version, reason, approvers, entry_hash, chain_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-    )
-    .map_err(map_err)?
-    .execute(params![
-        to_i64(seq),
-        e.time_ms,
-        e.actor,
-        e.tenant,
-        e.action.as_str(),
-        e.token.as_ref().map(|t| &t.as_bytes()[..]),
-        e.outcome.as_str(),
-        e.peer,
-        e.purpose,
-        e.detail,
-        e.key_id,
-        e.key_version,
-        e.reason,
-        e.approvers,
-        &entry_hash[..],
-        &chain_hash[..],
-    ])
-    .map_err(|err| match map_err(err) {
-        // A duplicate sequence number means the writer's view is wrong:
-        // never treat that as an ordinary conflict.
-        StoreError::Conflict => StoreError::Unavailable("audit sequence collision".into()),
-        other => other,
-    })?;
+    // Prepared (from the connection's cache) once per batch: fetching it
+    // from the cache per row hashes the SQL text twice on the writer's
+    // serial path.
+    let insert = match &mut ctx.audit_insert {
+        Some(st) => st,
+        empty => empty.insert(
+            tx.prepare_cached(
+                "INSERT INTO audit (seq, time_ms, actor, tenant, action, token, outcome, peer,
+                                    purpose, detail, key_id, key_version, reason, approvers,
+                                    entry_hash, chain_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .map_err(map_err)?,
+        ),
+    };
+    insert
+        .execute(params![
+            to_i64(seq),
+            e.time_ms,
+            e.actor,
+            e.tenant,
+            e.action.as_str(),
+            e.token.as_ref().map(|t| &t.as_bytes()[..]),
+            e.outcome.as_str(),
+            e.peer,
+            e.purpose,
+            e.detail,
+            e.key_id,
+            e.key_version,
+            e.reason,
+            e.approvers,
+            &entry_hash[..],
+            &chain_hash[..],
+        ])
+        .map_err(|err| match map_err(err) {
+            // A duplicate sequence number means the writer's view is wrong:
+            // never treat that as an ordinary conflict.
+            StoreError::Conflict => StoreError::Unavailable("audit sequence collision".into()),
+            other => other,
+        })?;
     ctx.next_seq += 1;
     ctx.chain_head = chain_hash;
     Ok(seq)

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{CachedStatement, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -162,6 +162,9 @@ impl WriterState {
 /// if the batch commits.
 pub struct BatchCtx<'a> {
     pub state: &'a WriterState,
+    /// The audit insert, prepared at the batch's first audit row and reused
+    /// for the rest (see `ops::append_audit`).
+    pub audit_insert: Option<CachedStatement<'a>>,
     pub next_seq: u64,
     pub chain_head: [u8; 32],
     /// Data keys this batch put tokens under.
@@ -175,6 +178,7 @@ impl<'a> BatchCtx<'a> {
     pub fn new(state: &'a WriterState) -> Self {
         Self {
             state,
+            audit_insert: None,
             next_seq: state.next_seq,
             chain_head: state.chain_head,
             added: HashSet::new(),
@@ -374,14 +378,18 @@ fn commit_batch(
     cache: &TokenCache,
     commits: &AtomicU64,
 ) {
+    // BEGIN and COMMIT run as cached statements, like everything else in
+    // the batch: `Connection::transaction` would parse them anew each time.
+    // On any failure the transaction, if still open, is rolled back.
+    let tx: &Connection = conn;
     let outcome = (|| {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+        tx.prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut st| st.execute([]))
             .map_err(map_err)?;
         let mut ctx = BatchCtx::new(state);
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter() {
-            match ops::apply(&tx, &job.op, &mut ctx) {
+            match ops::apply(tx, &job.op, &mut ctx) {
                 Ok(d) => {
                     ctx.erased |= job.op.erases();
                     results.push(Ok(d));
@@ -390,14 +398,30 @@ fn commit_batch(
                 Err(OpError::Fatal(e)) => return Err(e),
             }
         }
-        tx.commit().map_err(map_err)?;
+        let BatchCtx {
+            next_seq,
+            chain_head,
+            newly_destroyed,
+            added,
+            erased,
+            ..
+        } = ctx;
+        tx.prepare_cached("COMMIT")
+            .and_then(|mut st| st.execute([]))
+            .map_err(map_err)?;
         Ok((
             results,
-            (ctx.next_seq, ctx.chain_head),
-            (ctx.newly_destroyed, ctx.added),
-            ctx.erased,
+            (next_seq, chain_head),
+            (newly_destroyed, added),
+            erased,
         ))
     })();
+    if outcome.is_err()
+        && !tx.is_autocommit()
+        && let Err(e) = tx.execute_batch("ROLLBACK")
+    {
+        error!(error = %e, "rolling back a failed batch failed");
+    }
     match outcome {
         Ok((results, (next_seq, chain_head), (destroyed, added), erased)) => {
             state.next_seq = next_seq;
@@ -520,6 +544,58 @@ mod tests {
             })
             .expect("count");
         assert_eq!(n, 2, "both tokens committed, neither moved");
+    }
+
+    /// A fatal error mid-batch fails every request in it and leaves nothing
+    /// behind: the rows written before it are rolled back, no transaction
+    /// stays open, and the writer's state is unchanged, so the next batch
+    /// commits normally.
+    #[test]
+    fn a_fatal_error_rolls_back_the_whole_batch() {
+        use crate::domain::audit::AuditAction;
+        use crate::storage::conformance::{event, record, token};
+        let (_dir, mut conn) = migrated();
+        let insert = |n: u8| {
+            let t = token(n);
+            Op::InsertToken(
+                std::sync::Arc::new(record(t, "acme")),
+                event(AuditAction::Tokenize, Some(t)),
+            )
+        };
+        let cache = TokenCache::new(0);
+        let commits = AtomicU64::new(0);
+        let mut state = WriterState::load(&conn).expect("load");
+        let (a, mut ra) = job(insert(1));
+        commit_batch(&mut conn, &mut vec![a], &mut state, &cache, &commits);
+        assert!(answer(&mut ra).is_ok());
+        // A writer whose sequence fell behind the table: its next audit row
+        // collides, which is fatal.
+        let mut stale = WriterState::load(&conn).expect("load");
+        stale.next_seq -= 1;
+        let (b, mut rb) = job(insert(2));
+        let (c, mut rc) = job(Op::Audit(event(AuditAction::Detokenize, Some(token(1)))));
+        commit_batch(&mut conn, &mut vec![b, c], &mut stale, &cache, &commits);
+        for rx in [&mut rb, &mut rc] {
+            let res = answer(rx);
+            assert!(
+                matches!(&res, Err(StoreError::Unavailable(m)) if m.contains("collision")),
+                "{res:?}"
+            );
+        }
+        assert!(conn.is_autocommit(), "the failed transaction was left open");
+        let rows: (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM tokens), (SELECT count(*) FROM audit)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("count");
+        assert_eq!(rows, (1, 1), "the failed batch left rows behind");
+        assert_eq!(commits.load(Ordering::Acquire), 1);
+        let (d, mut rd) = job(insert(3));
+        commit_batch(&mut conn, &mut vec![d], &mut state, &cache, &commits);
+        assert!(answer(&mut rd).is_ok());
+        assert_eq!(commits.load(Ordering::Acquire), 2);
     }
 
     /// A last audit row without a chain hash used to restart the chain from
