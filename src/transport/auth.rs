@@ -42,7 +42,7 @@ impl Authenticator {
     /// certificate or it names no identity; a named identity with no grant
     /// is returned with `grant: None` so the core can deny and audit it.
     pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let peer = req.remote_addr().map(|a| a.to_string());
+        let peer = req.remote_addr().map(peer_string);
         let certs = req
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -71,6 +71,16 @@ impl Authenticator {
         cache.insert(der.to_vec(), id.clone());
         id
     }
+}
+
+/// `ip:port` (`[ip]:port` for IPv6), written into a string allocated once
+/// at its largest size: `to_string` grows it several times, on every call.
+fn peer_string(addr: std::net::SocketAddr) -> String {
+    use std::fmt::Write;
+    // "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%4294967295]:65535"
+    let mut s = String::with_capacity(64);
+    let _ = write!(s, "{addr}");
+    s
 }
 
 /// The identity a certificate names: its URI SAN, else its DNS SAN, else
@@ -130,6 +140,19 @@ mod tests {
         params.subject_alt_names = sans;
         let key = KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn peer_strings_match_display() {
+        for a in [
+            "127.0.0.1:50051",
+            "[::1]:443",
+            "[2001:db8::7%3]:9",
+            "0.0.0.0:0",
+        ] {
+            let addr: std::net::SocketAddr = a.parse().unwrap();
+            assert_eq!(peer_string(addr), addr.to_string());
+        }
     }
 
     fn uri(s: &str) -> SanType {
