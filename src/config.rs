@@ -190,8 +190,8 @@ pub struct Limits {
     /// waits in the kernel's backlog instead of using the vault's memory.
     pub max_connections: usize,
     /// TLS handshakes in progress at once. A new connection beyond this
-    /// closes the oldest pending handshake of the source holding the most
-    /// (see `transport::listener`).
+    /// closes a pending one: a stalled one first, then one of a source
+    /// flooding the budget, else the oldest (see `transport::listener`).
     pub max_handshakes: usize,
 }
 

@@ -310,67 +310,58 @@ async fn a_full_handshake_budget_gives_way_to_a_new_caller() {
     v.stop().await;
 }
 
-/// A flood of stalled connections from one host (127.0.0.2) closes only
-/// its own pending handshakes: a caller from another host (127.0.0.1) that
-/// is still shaking hands keeps its place, and a new caller from there
-/// still gets in while the flood holds the rest of the budget.
+/// A flood of new connections from one host (127.0.0.2), arriving far
+/// faster than the handshake budget per handshake time, cannot keep a
+/// caller from another host (127.0.0.1) out: the flood only closes its own
+/// pending handshakes. (Closing the oldest pending handshake, whoever's,
+/// closed the caller's mid-handshake.)
 #[tokio::test(flavor = "multi_thread")]
-async fn a_flood_from_one_host_closes_only_its_own_handshakes() {
-    use tokio::io::AsyncReadExt;
-    const FLOOD: usize = 12;
-    const BUDGET: usize = 4;
+async fn a_flood_from_one_host_cannot_keep_a_caller_from_another_out() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
     append_config(
         dir.path(),
-        &format!("[limits]\nmax_handshakes = {BUDGET}\nhandshake_timeout_ms = 600000\n"),
+        "[limits]\nmax_handshakes = 4\nhandshake_timeout_ms = 600000\n",
     );
     let v = TestVault::start_in(dir).await;
-    let mut slow_caller = tokio::net::TcpStream::connect(v.addr).await.unwrap();
-    let mut flood = Vec::new();
-    for _ in 0..FLOOD {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        flood.push(socket.connect(v.addr).await.unwrap());
-    }
-    // The flood can keep at most BUDGET - 1 pending beside the slow caller:
-    // wait until all the others have been closed.
-    let mut reads = tokio::task::JoinSet::new();
-    for mut s in flood {
-        reads.spawn(async move {
-            let mut buf = [0u8; 16];
-            let closed = matches!(s.read(&mut buf).await, Ok(0) | Err(_));
-            (closed, s)
-        });
-    }
-    let mut kept = Vec::new();
-    let waited = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut closed = 0;
-        while closed < FLOOD - (BUDGET - 1) {
-            let (was_closed, s) = reads.join_next().await.unwrap().unwrap();
-            assert!(was_closed, "a flood socket got data before its handshake");
-            closed += 1;
-            kept.push(s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let (stop, addr) = (stop.clone(), v.addr);
+        async move {
+            // Recent sockets stay open (pending on the vault's side until
+            // it closes them); older ones are dropped to bound descriptors.
+            let mut open = std::collections::VecDeque::new();
+            let mut opened = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                if let Ok(s) = socket.connect(addr).await {
+                    opened += 1;
+                    open.push_back(s);
+                    if open.len() > 32 {
+                        open.pop_front();
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            opened
         }
-    })
-    .await;
-    assert!(waited.is_ok(), "the flood's own handshakes were not closed");
-    let mut checkout = tokio::time::timeout(Duration::from_secs(30), v.client(ACME_CHECKOUT))
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..3 {
+        let mut checkout = tokio::time::timeout(Duration::from_secs(30), v.client(ACME_CHECKOUT))
+            .await
+            .expect("connecting timed out");
+        call(checkout.tokenize(TokenizeRequest {
+            pan: visa_pan(9_500_000, i + 1),
+            expiry: None,
+        }))
         .await
         .expect("a one-host flood kept a caller from another host out");
-    call(checkout.tokenize(TokenizeRequest {
-        pan: visa_pan(9_500_000, 1),
-        expiry: None,
-    }))
-    .await
-    .unwrap();
-    let mut buf = [0u8; 16];
-    let slow = tokio::time::timeout(Duration::from_millis(300), slow_caller.read(&mut buf)).await;
-    assert!(
-        slow.is_err(),
-        "the flood closed another host's pending handshake: {slow:?}"
-    );
-    reads.abort_all();
-    drop((checkout, kept, slow_caller));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.await.unwrap();
+    assert!(opened > 100, "the flood opened only {opened} connections");
     v.stop().await;
 }
 

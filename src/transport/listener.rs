@@ -7,13 +7,20 @@
 //! - **Handshakes** (no one authenticated yet): at most
 //!   `limits.max_handshakes` at once, each closed after
 //!   `limits.handshake_timeout_ms`. When the budget is full, a new
-//!   connection evicts the oldest pending handshake *of the source holding
-//!   the most* (a source is an IPv4 address or an IPv6 /64). A flood from
-//!   one host therefore only ever closes its own handshakes while anyone
-//!   else is shaking hands. A flood spread over many sources closes the
-//!   oldest pending handshakes first; a real client finishes its handshake
-//!   in milliseconds, so such a flood keeps callers out only if it opens
-//!   `max_handshakes` new connections within one handshake's time.
+//!   connection closes one pending handshake, chosen in this order:
+//!   1. the oldest, if it has been pending for a second or more: a real
+//!      client finishes its handshake in milliseconds, so it is stalled;
+//!   2. else, if one source (an IPv4 address or an IPv6 /64) holds more
+//!      than half the budget, that source's oldest: a flood from one host
+//!      closes only its own handshakes;
+//!   3. else the oldest.
+//!
+//!   Stalled connections are thus closed first wherever they come from, a
+//!   flood from one host cannot close anyone else's, and a flood spread
+//!   over many hosts keeps callers out only if it opens `max_handshakes`
+//!   new connections within one handshake's time. A busy shared source (a
+//!   NAT gateway) loses its own oldest handshakes only once it holds more
+//!   than half the budget at once.
 //! - **Connections** (the handshake verified a client certificate from the
 //!   configured CA): at most `limits.max_connections`. While they are all
 //!   taken the vault stops accepting, so new connections wait in the
@@ -36,7 +43,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -51,6 +58,10 @@ use tracing::{debug, error, warn};
 
 /// How long to wait after a failed `accept` before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// A handshake pending this long is taken to be stalled: the first to go
+/// when the budget is full.
+const STALLED_AFTER: Duration = Duration::from_secs(1);
 
 /// What bounds the listener.
 #[derive(Debug, Clone, Copy)]
@@ -199,7 +210,8 @@ struct Pending {
 #[derive(Default)]
 struct PendingInner {
     next: u64,
-    tasks: BTreeMap<u64, (Source, AbortHandle)>,
+    /// By id, which is also the order they started in.
+    tasks: BTreeMap<u64, (Source, Instant, AbortHandle)>,
     /// Pending handshakes per source; sources with none are removed.
     per_source: HashMap<Source, usize>,
     /// Set by `abort_all`: the listener is gone, start nothing more.
@@ -208,7 +220,7 @@ struct PendingInner {
 
 impl PendingInner {
     fn remove(&mut self, id: u64) -> Option<AbortHandle> {
-        let (source, task) = self.tasks.remove(&id)?;
+        let (source, _, task) = self.tasks.remove(&id)?;
         if let Some(n) = self.per_source.get_mut(&source) {
             *n -= 1;
             if *n == 0 {
@@ -218,14 +230,27 @@ impl PendingInner {
         Some(task)
     }
 
-    /// The handshake to close when the budget overflows: the oldest one of
-    /// the source (or, on a tie, the sources) holding the most.
-    fn victim(&self) -> Option<u64> {
-        let most = self.per_source.values().copied().max()?;
-        self.tasks
+    /// The handshake to close when a budget of `max` overflows (see the
+    /// module documentation): the oldest if it is stalled, else the oldest
+    /// of a source holding more than half the budget, else the oldest.
+    fn victim(&self, max: usize, now: Instant) -> Option<u64> {
+        let (&oldest, &(_, started, _)) = self.tasks.first_key_value()?;
+        if now.saturating_duration_since(started) >= STALLED_AFTER {
+            return Some(oldest);
+        }
+        let flooding = self
+            .per_source
             .iter()
-            .find(|(_, (source, _))| self.per_source.get(source) == Some(&most))
-            .map(|(id, _)| *id)
+            .find(|&(_, &n)| n.saturating_mul(2) > max)
+            .map(|(&source, _)| source);
+        if let Some(flooding) = flooding {
+            return self
+                .tasks
+                .iter()
+                .find(|(_, (source, ..))| *source == flooding)
+                .map(|(&id, _)| id);
+        }
+        Some(oldest)
     }
 }
 
@@ -238,10 +263,14 @@ impl Pending {
     }
 
     /// Starts a handshake task from `source` (under the lock, so it cannot
-    /// finish before it is recorded) and, beyond the budget, evicts the
-    /// oldest handshakes of whichever source holds the most. Once closed,
-    /// `spawn` is dropped uncalled, and the connection with it.
+    /// finish before it is recorded) and, beyond the budget, closes the
+    /// handshakes `PendingInner::victim` picks. Once closed, `spawn` is
+    /// dropped uncalled, and the connection with it.
     fn start(&self, source: Source, spawn: impl FnOnce(u64) -> AbortHandle) {
+        self.start_at(source, Instant::now(), spawn);
+    }
+
+    fn start_at(&self, source: Source, now: Instant, spawn: impl FnOnce(u64) -> AbortHandle) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.closed {
             return;
@@ -249,14 +278,14 @@ impl Pending {
         let id = inner.next;
         inner.next += 1;
         let task = spawn(id);
-        inner.tasks.insert(id, (source, task));
+        inner.tasks.insert(id, (source, now, task));
         *inner.per_source.entry(source).or_insert(0) += 1;
         while inner.tasks.len() > self.max {
-            let Some(victim) = inner.victim() else { break };
+            let Some(victim) = inner.victim(self.max, now) else {
+                break;
+            };
             if let Some(task) = inner.remove(victim) {
-                debug!(
-                    "handshake budget full: closing the oldest pending handshake of the busiest source"
-                );
+                debug!("handshake budget full: closing a pending handshake");
                 task.abort();
             }
         }
@@ -276,7 +305,7 @@ impl Pending {
             inner.per_source.clear();
             std::mem::take(&mut inner.tasks)
         };
-        for (_, task) in tasks.into_values() {
+        for (_, _, task) in tasks.into_values() {
             task.abort();
         }
     }
@@ -402,10 +431,16 @@ mod tests {
         Source::of(s.parse().unwrap())
     }
 
-    /// Starts a never-ending handshake task from `from`.
-    fn stall(pending: &Pending, from: Source) -> tokio::task::JoinHandle<()> {
+    /// Starts a never-ending handshake task from `from`, `secs` seconds
+    /// after `t0`.
+    fn stall(
+        pending: &Pending,
+        from: Source,
+        t0: Instant,
+        secs: u64,
+    ) -> tokio::task::JoinHandle<()> {
         let mut task = None;
-        pending.start(from, |_| {
+        pending.start_at(from, t0 + Duration::from_secs(secs), |_| {
             let t = tokio::spawn(std::future::pending::<()>());
             let h = t.abort_handle();
             task = Some(t);
@@ -414,15 +449,23 @@ mod tests {
         task.unwrap()
     }
 
+    /// Whether `t` was aborted (waiting a few seconds at most, so a
+    /// handshake wrongly kept fails the test instead of hanging it).
+    async fn closed(t: tokio::task::JoinHandle<()>) -> bool {
+        match tokio::time::timeout(Duration::from_secs(5), t).await {
+            Ok(res) => res.unwrap_err().is_cancelled(),
+            Err(_) => false,
+        }
+    }
+
     /// A flood from one source closes only its own handshakes, oldest
-    /// first, however early the others started; on a tie between sources
-    /// the oldest handshake of the tied sources goes.
+    /// first, however early the others started.
     #[tokio::test]
-    async fn a_full_budget_evicts_from_the_busiest_source() {
-        let pending = Pending::new(3);
-        let early = stall(&pending, source("10.0.0.1"));
+    async fn a_flood_from_one_source_closes_only_its_own() {
+        let (pending, t0) = (Pending::new(3), Instant::now());
+        let early = stall(&pending, source("10.0.0.1"), t0, 0);
         let flood: Vec<_> = (0..6)
-            .map(|_| stall(&pending, source("10.0.0.66")))
+            .map(|_| stall(&pending, source("10.0.0.66"), t0, 0))
             .collect();
         assert_eq!(pending.len(), 3);
         assert!(
@@ -431,20 +474,52 @@ mod tests {
         );
         let mut flood = flood.into_iter();
         for _ in 0..4 {
-            let t = flood.next().unwrap();
-            assert!(t.await.unwrap_err().is_cancelled(), "not oldest first");
+            assert!(closed(flood.next().unwrap()).await, "not oldest first");
         }
-        let (f5, f6) = (flood.next().unwrap(), flood.next().unwrap());
-        assert!(!f5.is_finished() && !f6.is_finished());
-        // 10.0.0.1 now has two, the flood two: a tie, and `early` is the
-        // oldest of the tied sources' handshakes.
-        let late = stall(&pending, source("10.0.0.1"));
-        assert!(early.await.unwrap_err().is_cancelled());
-        assert!(!late.is_finished() && !f5.is_finished() && !f6.is_finished());
+        let rest: Vec<_> = flood.collect();
+        assert!(rest.iter().all(|t| !t.is_finished()));
         pending.abort_all();
-        for t in [late, f5, f6] {
-            assert!(t.await.unwrap_err().is_cancelled());
+        for t in rest.into_iter().chain([early]) {
+            assert!(closed(t).await);
         }
+    }
+
+    /// Stalled handshakes spread over many sources are closed first, even
+    /// while one busy source (a NAT gateway, say) is the only one shaking
+    /// hands now; once they are gone, the busy source above half the
+    /// budget gives up its own oldest.
+    #[tokio::test]
+    async fn stalled_handshakes_go_first_whatever_their_source() {
+        let (pending, t0) = (Pending::new(4), Instant::now());
+        let stalled: Vec<_> = ["10.9.0.1", "10.9.0.2", "10.9.0.3"]
+            .into_iter()
+            .map(|s| stall(&pending, source(s), t0, 0))
+            .collect();
+        let nat = source("10.0.0.1");
+        let mut callers: Vec<_> = (0..4).map(|_| stall(&pending, nat, t0, 5)).collect();
+        for t in stalled {
+            assert!(closed(t).await, "a stalled handshake outlived a caller's");
+        }
+        assert!(callers.iter().all(|t| !t.is_finished()));
+        // Four young handshakes, all from the NAT: the next closes its oldest.
+        callers.push(stall(&pending, nat, t0, 5));
+        assert!(closed(callers.remove(0)).await);
+        assert!(callers.iter().all(|t| !t.is_finished()));
+        pending.abort_all();
+    }
+
+    /// Young handshakes from many sources, none holding more than half the
+    /// budget: the oldest goes, as before sources were counted.
+    #[tokio::test]
+    async fn a_spread_of_young_handshakes_loses_the_oldest() {
+        let (pending, t0) = (Pending::new(4), Instant::now());
+        let mut all: Vec<_> = ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+            .into_iter()
+            .map(|s| stall(&pending, source(s), t0, 0))
+            .collect();
+        assert!(closed(all.remove(0)).await);
+        assert!(all.iter().all(|t| !t.is_finished()));
+        pending.abort_all();
     }
 
     #[test]
