@@ -404,8 +404,12 @@ fn commit_batch(
             newly_destroyed,
             added,
             erased,
+            audit_insert,
             ..
         } = ctx;
+        // Back to the statement cache before COMMIT (it is reset after
+        // every row, so it holds nothing open, but nothing should be in use).
+        drop(audit_insert);
         tx.prepare_cached("COMMIT")
             .and_then(|mut st| st.execute([]))
             .map_err(map_err)?;
