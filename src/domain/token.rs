@@ -231,8 +231,8 @@ mod tests {
             }
         }
 
-        /// Lengths around a token's (28 to 30 characters), where strings
-        /// decode to exactly TOKEN_LEN bytes often, with runs of leading
+        /// Bodies of 24 to 34 characters around a token's 29 to 30, many of
+        /// which decode to exactly TOKEN_LEN bytes, with runs of leading
         /// '1's (zero bytes): whatever parses must be the one spelling
         /// `Display` gives those bytes.
         #[test]
