@@ -4,12 +4,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use governor::Quota;
+
 use crate::domain::access::{Grant, Role, RoleSet, TenantId, TenantScope};
+use crate::domain::budget::DetokenizeLimits;
+
+/// The highest detokenize rate or burst a budget may be given.
+pub const MAX_DETOKENIZE_RATE: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,6 +200,15 @@ pub struct Limits {
     /// closes a pending one: a stalled one first, then one of a source
     /// flooding the budget, else the oldest (see `transport::listener`).
     pub max_handshakes: usize,
+    /// Detokenize calls per second one caller identity may make, sustained
+    /// (each identity has its own budget; see `domain::budget`). A client
+    /// entry may set its own.
+    pub detokenize_per_second: u32,
+    /// Detokenize calls one identity may make at once after a quiet spell.
+    pub detokenize_burst: u32,
+    /// What a detokenize for a malformed, unknown or other tenant's token
+    /// costs, in calls: guessing tokens spends a budget this much faster.
+    pub detokenize_miss_cost: u32,
 }
 
 impl Default for Limits {
@@ -204,6 +220,9 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             max_connections: 1024,
             max_handshakes: 256,
+            detokenize_per_second: 1000,
+            detokenize_burst: 2000,
+            detokenize_miss_cost: 10,
         }
     }
 }
@@ -250,6 +269,14 @@ pub struct ClientGrant {
     /// A tenant name, or `*` for auditors and administrators of all tenants.
     pub tenant: String,
     pub roles: Vec<String>,
+    /// This identity's own detokenize budget (calls per second), instead of
+    /// `limits.detokenize_per_second`. Only for an identity that may
+    /// detokenize.
+    #[serde(default)]
+    pub detokenize_per_second: Option<u32>,
+    /// Its burst; twice its rate if not given.
+    #[serde(default)]
+    pub detokenize_burst: Option<u32>,
 }
 
 /// Reads environment variables; tests pass a map instead of the process env.
@@ -435,6 +462,7 @@ impl Config {
         if self.limits.max_concurrent_streams == 0 {
             return bad("limits.max_concurrent_streams must be at least 1".into());
         }
+        self.validate_detokenize_limits()?;
         if self.server.drain_seconds == 0 {
             return bad("server.drain_seconds must be at least 1".into());
         }
@@ -458,6 +486,72 @@ impl Config {
         }
         self.grants()?;
         Ok(())
+    }
+
+    fn validate_detokenize_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let rate = |what: &str, v: u32| {
+            if (1..=MAX_DETOKENIZE_RATE).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "{what} must be 1 to {MAX_DETOKENIZE_RATE}"
+                )))
+            }
+        };
+        rate("limits.detokenize_per_second", l.detokenize_per_second)?;
+        rate("limits.detokenize_burst", l.detokenize_burst)?;
+        if !(1..=1000).contains(&l.detokenize_miss_cost) {
+            return Err(ConfigError::Invalid(
+                "limits.detokenize_miss_cost must be 1 to 1000".into(),
+            ));
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.detokenize_per_second.is_none() && c.detokenize_burst.is_none() {
+                continue;
+            }
+            let at = format!("clients[{i}] ({})", c.identity);
+            if !c.roles.iter().any(|r| r == "detokenize") {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}: a detokenize budget is set but the identity has no detokenize role"
+                )));
+            }
+            if let Some(v) = c.detokenize_per_second {
+                rate(&format!("{at}: detokenize_per_second"), v)?;
+            }
+            if let Some(v) = c.detokenize_burst {
+                rate(&format!("{at}: detokenize_burst"), v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The detokenize budgets: one per identity that may detokenize, its
+    /// own if configured, else the `[limits]` one.
+    pub fn detokenize_limits(&self) -> DetokenizeLimits {
+        let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        let l = &self.limits;
+        let default =
+            Quota::per_second(nz(l.detokenize_per_second)).allow_burst(nz(l.detokenize_burst));
+        let per_identity = self
+            .clients
+            .iter()
+            .filter(|c| c.roles.iter().any(|r| r == "detokenize"))
+            .map(|c| {
+                let quota = match (c.detokenize_per_second, c.detokenize_burst) {
+                    (None, None) => default,
+                    (None, Some(burst)) => default.allow_burst(nz(burst)),
+                    (Some(rate), burst) => Quota::per_second(nz(rate))
+                        .allow_burst(nz(burst.unwrap_or(rate.saturating_mul(2)))),
+                };
+                (c.identity.clone(), quota)
+            })
+            .collect();
+        DetokenizeLimits {
+            default,
+            per_identity,
+            miss_cost: nz(l.detokenize_miss_cost),
+        }
     }
 
     /// The identity → grant map. Deny by default: an identity absent here
@@ -678,6 +772,83 @@ mod tests {
         )
         .unwrap();
         Config::load(&p, &HashMap::new()).unwrap();
+    }
+
+    const WORKERS: &str = r#"
+        [[clients]]
+        identity = "spiffe://x/acme/worker"
+        tenant = "acme"
+        roles = ["detokenize"]
+        [[clients]]
+        identity = "spiffe://x/acme/busy"
+        tenant = "acme"
+        roles = ["detokenize"]
+        detokenize_per_second = 5000
+        [[clients]]
+        identity = "spiffe://x/acme/bursty"
+        tenant = "acme"
+        roles = ["detokenize"]
+        detokenize_burst = 50
+    "#;
+
+    #[test]
+    fn every_identity_that_may_detokenize_gets_a_budget() {
+        use governor::Quota;
+        let (_d, p) = with_files();
+        std::fs::write(&p, format!("{BASE}{WORKERS}")).unwrap();
+        let l = Config::load(&p, &HashMap::new())
+            .unwrap()
+            .detokenize_limits();
+        let nz = |n| NonZeroU32::new(n).unwrap();
+        let default = Quota::per_second(nz(1000)).allow_burst(nz(2000));
+        assert_eq!(l.default, default);
+        assert_eq!(l.miss_cost, nz(10));
+        assert_eq!(
+            l.per_identity.len(),
+            3,
+            "the tokenize-only identity has none"
+        );
+        assert_eq!(l.per_identity["spiffe://x/acme/worker"], default);
+        assert_eq!(
+            l.per_identity["spiffe://x/acme/busy"],
+            Quota::per_second(nz(5000)).allow_burst(nz(10_000)),
+            "an own rate with twice it as burst"
+        );
+        assert_eq!(
+            l.per_identity["spiffe://x/acme/bursty"],
+            default.allow_burst(nz(50))
+        );
+    }
+
+    #[test]
+    fn bad_detokenize_budgets_are_refused_by_name() {
+        let (_d, p) = with_files();
+        for (extra, needle) in [
+            (
+                "[limits]\ndetokenize_per_second = 0".to_owned(),
+                "limits.detokenize_per_second must be 1 to 1000000",
+            ),
+            (
+                "[limits]\ndetokenize_burst = 2000000".to_owned(),
+                "limits.detokenize_burst must be 1 to 1000000",
+            ),
+            (
+                "[limits]\ndetokenize_miss_cost = 0".to_owned(),
+                "limits.detokenize_miss_cost must be 1 to 1000",
+            ),
+            (
+                WORKERS.replace("= 5000", "= 0"),
+                "clients[2] (spiffe://x/acme/busy): detokenize_per_second must be 1 to 1000000",
+            ),
+            (
+                "[[clients]]\nidentity = \"c\"\ntenant = \"acme\"\nroles = [\"tokenize\"]\ndetokenize_per_second = 10".to_owned(),
+                "clients[1] (c): a detokenize budget is set but the identity has no detokenize role",
+            ),
+        ] {
+            std::fs::write(&p, format!("{BASE}\n{extra}\n")).unwrap();
+            let e = Config::load(&p, &HashMap::new()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!   (`dual_control`: crypto-shredding, KEK rotation requests), sealing
 //!   (`unseal`),
 //!   re-encryption jobs (`reencrypt`) and the audit log's reads and
-//!   checkpoints (`auditing`). Knows nothing of gRPC or SQL.
+//!   checkpoints (`auditing`); per-caller detokenize budgets (`budget`).
+//!   Knows nothing of gRPC or SQL.
 //! - [`crypto`]: the AES-256-GCM record envelope, KEK sources ([`crypto::kek`]
 //!   file/env, [`crypto::hsm`] PKCS#11, [`crypto::shamir`] split knowledge)
 //!   and the key ring of unwrapped data keys with their use counters.
@@ -41,11 +42,13 @@
 //!
 //! # A detokenize call
 //!
-//! Identity and role as above, non-empty purpose → the token row is read and
-//! its tenant checked (another tenant's token is NOT_FOUND) → the envelope is
-//! opened with its data key (any mismatch is DATA_LOSS, never a wrong PAN) →
-//! the audit record with the purpose is committed → only then is the PAN
-//! returned. If the audit record cannot be written the call fails.
+//! Identity and role as above → one call taken from the caller's detokenize
+//! budget (RESOURCE_EXHAUSTED when spent; a call for a token the caller
+//! cannot read costs more) → non-empty purpose → the token row is read and
+//! its tenant checked (another tenant's token is NOT_FOUND) → the envelope
+//! is opened with its data key (any mismatch is DATA_LOSS, never a wrong
+//! PAN) → the audit record with the purpose is committed → only then is the
+//! PAN returned. If the audit record cannot be written the call fails.
 
 pub mod audit;
 pub mod client;

@@ -131,6 +131,7 @@ pub fn vault_settings(cfg: &Config) -> VaultSettings {
             KekSource::Shamir => cfg.kek.shamir.as_ref().map(|s| s.threshold),
             _ => None,
         },
+        detokenize: cfg.detokenize_limits(),
     }
 }
 

@@ -220,11 +220,21 @@ fn check_distinct(acked: &[(String, String)]) {
     assert_eq!(tokens.len(), acked.len(), "a token was handed out twice");
 }
 
+/// Raises the detokenize budget: these tests read back thousands of
+/// tokens at full speed, which is durability under test, not rate limits.
+fn unlimited_detokenize(data: &std::path::Path) {
+    common::append_config(
+        data,
+        "[limits]\ndetokenize_per_second = 1000000\ndetokenize_burst = 1000000\n",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_tokens_survive_sigkill_under_load() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let logs = tmp.path().join("logs");
+    unlimited_detokenize(&data);
 
     let mut vault = VaultProc::start(&data, &logs, "first", "info");
     let checkout = ClientPki::from_dev_dir(&data, "acme-checkout").unwrap();
@@ -267,6 +277,7 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let logs = tmp.path().join("logs");
+    unlimited_detokenize(&data);
 
     let mut vault = VaultProc::start(&data, &logs, "first", "info");
     let checkout = ClientPki::from_dev_dir(&data, "acme-checkout").unwrap();

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tracing::error;
+use tracing::{error, warn};
 use zeroize::Zeroizing;
 
 use super::access::{Action, Caller, TenantId};
@@ -188,12 +188,17 @@ impl Vault {
         purpose: &str,
     ) -> Result<Detokenized, VaultError> {
         caller.authorize(Action::Detokenize)?;
-        let token = parse_token(token)?;
+        self.admit_detokenize(caller)?;
+        let token = parse_token(token).inspect_err(|_| self.detokenize_missed(caller))?;
         let purpose = check_purpose(purpose)?;
         // Sealed is answered before any lookup, so it never tells whether
         // a token exists.
         let ring = self.ring()?;
-        let rec = self.find(caller, &token).await?;
+        let rec = self.find(caller, &token).await.inspect_err(|e| {
+            if *e == VaultError::NotFound {
+                self.detokenize_missed(caller);
+            }
+        })?;
         let dek = ring.get(rec.dek_id).ok_or_else(|| {
             VaultError::FailedPrecondition("the data key for this token is destroyed".into())
         })?;
@@ -306,6 +311,42 @@ impl Vault {
     /// Fetches a token's record if it exists and belongs to a tenant the
     /// caller reaches. Another tenant's token is reported exactly like a
     /// missing one.
+    /// Takes one call from the caller's detokenize budget (after the role
+    /// check, so only identities that may detokenize have budgets).
+    fn admit_detokenize(&self, caller: &Caller) -> Result<(), VaultError> {
+        let Err(wait) = self.budgets.admit(&caller.identity) else {
+            return Ok(());
+        };
+        if self.budgets.should_alert(&caller.identity) {
+            warn!(
+                alert = "detokenize_rate_exceeded",
+                caller = %caller.identity,
+                peer = caller.peer.as_deref().unwrap_or("-"),
+                "caller exceeded its detokenize budget; refusing its calls until the budget refills"
+            );
+        }
+        // Whole milliseconds, rounded up, so a caller that waits that long
+        // is admitted.
+        let ms = wait.as_micros().div_ceil(1000).max(1);
+        Err(VaultError::ResourceExhausted(format!(
+            "detokenize rate limit for this caller reached; retry in {ms} ms"
+        )))
+    }
+
+    /// Charges a detokenize that named no token the caller may read: a
+    /// malformed, unknown or other tenant's token.
+    fn detokenize_missed(&self, caller: &Caller) {
+        if self.budgets.charge_miss(&caller.identity) && self.budgets.should_alert(&caller.identity)
+        {
+            warn!(
+                alert = "detokenize_misses",
+                caller = %caller.identity,
+                peer = caller.peer.as_deref().unwrap_or("-"),
+                "calls for tokens that do not exist spent this caller's detokenize budget: possible token enumeration"
+            );
+        }
+    }
+
     async fn find(&self, caller: &Caller, token: &Token) -> Result<Arc<TokenRecord>, VaultError> {
         let rec = self
             .store

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod audit;
 pub mod auditing;
+pub mod budget;
 pub mod data;
 pub mod dual_control;
 pub mod error;

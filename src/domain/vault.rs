@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use super::access::{Caller, TenantId};
 use super::audit::{AuditAction, AuditEvent, Outcome};
+use super::budget::{Budgets, DetokenizeLimits};
 use super::dual_control::PendingChange;
 use super::error::VaultError;
 use super::store::{KekCheck, Store, StoreError, StoredSigningKey};
@@ -46,6 +47,8 @@ pub struct VaultSettings {
     /// For a split KEK: the shares (distinct custodians) needed to unseal,
     /// as configured. Shares from a set with another threshold are refused.
     pub unseal_threshold: Option<u8>,
+    /// Per-caller detokenize budgets.
+    pub detokenize: DetokenizeLimits,
 }
 
 impl Default for VaultSettings {
@@ -59,6 +62,7 @@ impl Default for VaultSettings {
             reencrypt_batch: 256,
             reencrypt_pause_ms: 5,
             unseal_threshold: None,
+            detokenize: DetokenizeLimits::default(),
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct Vault {
     /// The checkpoint signing key; `None` while sealed.
     signer: RwLock<Option<Arc<AuditSigner>>>,
     pub(crate) settings: VaultSettings,
+    /// Live detokenize budgets, one per caller identity.
+    pub(crate) budgets: Budgets,
     /// Serialises key lifecycle changes (creation, rotation, destruction,
     /// KEK rotation), so no two race on one tenant's keys.
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
@@ -165,6 +171,7 @@ impl Vault {
             store,
             ring: RwLock::new(None),
             signer: RwLock::new(None),
+            budgets: Budgets::new(&settings.detokenize),
             settings,
             lifecycle: tokio::sync::Mutex::new(()),
             sealed_tx,
