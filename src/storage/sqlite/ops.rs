@@ -481,11 +481,18 @@ pub fn append_audit<'a>(
             &entry_hash[..],
             &chain_hash[..],
         ])
-        .map_err(|err| match map_err(err) {
-            // A duplicate sequence number means the writer's view is wrong:
-            // never treat that as an ordinary conflict.
-            StoreError::Conflict => StoreError::Unavailable("audit sequence collision".into()),
-            other => other,
+        .map_err(|err| {
+            // SQLite's text names the constraint or trigger, never a value.
+            let why = err.to_string();
+            match map_err(err) {
+                // A duplicate sequence number means the writer's view is
+                // wrong, and a trigger or check refusing the row is no
+                // caller's doing: never an ordinary conflict.
+                StoreError::Conflict => {
+                    StoreError::Unavailable(format!("the database refused an audit record: {why}"))
+                }
+                other => other,
+            }
         })?;
     ctx.next_seq += 1;
     ctx.chain_head = chain_hash;

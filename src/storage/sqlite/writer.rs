@@ -50,6 +50,12 @@ pub enum Op {
 }
 
 impl Op {
+    /// Ops that write an audit record (or sign the log's head): when their
+    /// commit fails, audit logging has failed.
+    fn audits(&self) -> bool {
+        !matches!(self, Op::Reserve(..) | Op::ReencryptBatch(..) | Op::Close)
+    }
+
     /// Ops that erase data: after their commit the WAL is checkpointed and
     /// truncated, so the erased rows' old page images do not linger there.
     fn erases(&self) -> bool {
@@ -443,7 +449,20 @@ fn commit_batch(
             }
         }
         Err(e) => {
-            error!(error = %e, jobs = batch.len(), "batch rolled back");
+            let audited = batch.iter().filter(|j| j.op.audits()).count();
+            if audited > 0 {
+                // PCI DSS 10.7.2: a failure of audit logging is alerted.
+                // Every call in the batch fails; none is answered as done.
+                error!(
+                    alert = "audit_write_failed",
+                    error = %e,
+                    jobs = batch.len(),
+                    audit_records = audited,
+                    "a commit failed and was rolled back: its audit records were not written, and every call in it fails"
+                );
+            } else {
+                error!(error = %e, jobs = batch.len(), "batch rolled back");
+            }
             for job in batch.drain(..) {
                 job.answer(Err(e.clone()));
             }

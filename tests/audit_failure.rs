@@ -1,0 +1,151 @@
+//! Proves that when audit records cannot be written, the vault fails closed and says so: with a fault injected into the running vault's database (a trigger that aborts every audit insert), detokenize and tokenize fail with UNAVAILABLE and return no card number or token, the server log raises `alert="audit_write_failed"` (PCI DSS 10.7.2) without the card number, and once the fault is gone the vault serves again with its audit chain intact.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::calls::{CALL_TIMEOUT, call};
+use common::process::{VaultProc, clear_vault_env, wait_or_kill};
+use common::*;
+use tokenvault::client::{ClientPki, connect};
+use tokenvault::proto::{DetokenizeRequest, TokenizeRequest};
+use tonic::Code;
+
+const PAN: &str = "4111111111111111";
+const OTHER_PAN: &str = "5555555555554444";
+
+async fn client(url: &str, root: &Path, name: &str) -> Client {
+    let pki = ClientPki::from_dev_dir(root, name).unwrap();
+    tokio::time::timeout(CALL_TIMEOUT, connect(url, &pki))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn tok(pan: &str) -> TokenizeRequest {
+    TokenizeRequest {
+        pan: pan.into(),
+        expiry: None,
+    }
+}
+
+fn detok(token: &str) -> DetokenizeRequest {
+    DetokenizeRequest {
+        token: token.into(),
+        purpose: "audit failure test".into(),
+    }
+}
+
+/// Runs the SQL on the live database from outside the vault, as a fault.
+fn inject(db: &Path, sql: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+fn vault_cli(args: &[&str], stdout: &Path) -> Option<i32> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(stdout).unwrap())
+        .stderr(Stdio::null());
+    clear_vault_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    wait_or_kill(
+        &mut child,
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+    )
+    .expect("vault CLI did not exit")
+    .code()
+}
+
+#[tokio::test]
+async fn audit_write_failure_fails_closed_and_raises_an_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut vault = VaultProc::start(&data, &dir.path().join("logs"), "run", "info");
+    let url = vault.url();
+    let db = data.join("vault.db");
+    let mut checkout = client(&url, &data, "acme-checkout").await;
+    let mut payments = client(&url, &data, "acme-payments").await;
+    let token = call(checkout.tokenize(tok(PAN)))
+        .await
+        .unwrap()
+        .token
+        .clone();
+    assert_eq!(
+        call(payments.detokenize(detok(&token))).await.unwrap().pan,
+        PAN
+    );
+
+    inject(
+        &db,
+        "CREATE TRIGGER inject_audit_failure BEFORE INSERT ON audit
+         BEGIN SELECT RAISE(ABORT, 'injected audit failure'); END;",
+    );
+    let e = call(payments.detokenize(detok(&token))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        !e.message().contains(PAN) && !e.message().contains(&token),
+        "{e:?}"
+    );
+    let e = call(checkout.tokenize(tok(OTHER_PAN))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(!e.message().contains(OTHER_PAN), "{e:?}");
+
+    let log = vault.stderr();
+    let alerts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("audit_write_failed"))
+        .collect();
+    assert!(alerts.len() >= 2, "one alert per failed commit:\n{log}");
+    assert!(alerts.iter().all(|l| l.contains("ERROR")), "{log}");
+    assert!(
+        alerts[0].contains("injected audit failure"),
+        "the alert says why: {}",
+        alerts[0]
+    );
+    assert!(!log.contains(PAN) && !log.contains(OTHER_PAN), "{log}");
+
+    inject(&db, "DROP TRIGGER inject_audit_failure;");
+    assert_eq!(
+        call(payments.detokenize(detok(&token))).await.unwrap().pan,
+        PAN
+    );
+    let again = call(checkout.tokenize(tok(OTHER_PAN)))
+        .await
+        .unwrap()
+        .token
+        .clone();
+    assert_eq!(
+        call(payments.detokenize(detok(&again))).await.unwrap().pan,
+        OTHER_PAN
+    );
+
+    // The rolled-back commits left no gap or broken link in the chain.
+    vault.sigterm();
+    assert!(vault.wait_exit(Duration::from_secs(30)).await.success());
+    let pk = dir.path().join("audit.pub");
+    let db_s = db.to_str().unwrap();
+    let pk_s = pk.to_str().unwrap();
+    let out = dir.path().join("cli.out");
+    assert_eq!(
+        vault_cli(&["audit", "public-key", "--db", db_s, "--out", pk_s], &out),
+        Some(0)
+    );
+    assert_eq!(
+        vault_cli(&["audit", "verify-db", "--public-key", pk_s, db_s], &out),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&out).unwrap()
+    );
+    let rows = audit_rows(&db);
+    assert!(
+        rows.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "audit sequence has a gap"
+    );
+}
