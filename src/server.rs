@@ -157,7 +157,7 @@ pub async fn open_vault(cfg: &Config, kek: Arc<dyn Kek>) -> Result<Arc<Vault>, S
 /// split-knowledge KEK that custodians must rebuild.
 pub async fn open_configured(cfg: &Config, env: &dyn Env) -> Result<Arc<Vault>, StartError> {
     if cfg.kek.source == KekSource::Shamir {
-        return Ok(Vault::open_sealed(open_store(cfg)?, vault_settings(cfg)));
+        return Ok(Vault::open_sealed(open_store(cfg)?, vault_settings(cfg)).await?);
     }
     let kek = load_kek(cfg, env)?;
     let snapshot = ReloadEnv::capture(cfg, env);

@@ -4,11 +4,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::calls::{CALL_TIMEOUT, call};
-use common::process::{VaultProc, clear_vault_env, wait_or_kill};
+use common::process::{VaultProc, assert_audit_log_verifies};
 use common::*;
 use tokenvault::client::{ClientPki, connect};
 use tokenvault::proto::{DetokenizeRequest, TokenizeRequest};
@@ -44,23 +43,6 @@ fn inject(db: &Path, sql: &str) {
     let c = rusqlite::Connection::open(db).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
     c.execute_batch(sql).unwrap();
-}
-
-fn vault_cli(args: &[&str], stdout: &Path) -> Option<i32> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(stdout).unwrap())
-        .stderr(Stdio::null());
-    clear_vault_env(&mut cmd);
-    let mut child = cmd.spawn().unwrap();
-    wait_or_kill(
-        &mut child,
-        Duration::from_secs(60),
-        Duration::from_millis(10),
-    )
-    .expect("vault CLI did not exit")
-    .code()
 }
 
 #[tokio::test]
@@ -129,20 +111,7 @@ async fn audit_write_failure_fails_closed_and_raises_an_alert() {
     // The rolled-back commits left no gap or broken link in the chain.
     vault.sigterm();
     assert!(vault.wait_exit(Duration::from_secs(30)).await.success());
-    let pk = dir.path().join("audit.pub");
-    let db_s = db.to_str().unwrap();
-    let pk_s = pk.to_str().unwrap();
-    let out = dir.path().join("cli.out");
-    assert_eq!(
-        vault_cli(&["audit", "public-key", "--db", db_s, "--out", pk_s], &out),
-        Some(0)
-    );
-    assert_eq!(
-        vault_cli(&["audit", "verify-db", "--public-key", pk_s, db_s], &out),
-        Some(0),
-        "{}",
-        std::fs::read_to_string(&out).unwrap()
-    );
+    assert_audit_log_verifies(&db, dir.path());
     let rows = audit_rows(&db);
     assert!(
         rows.windows(2).all(|w| w[1].seq == w[0].seq + 1),

@@ -58,4 +58,5 @@ conformance!(Sqlite::new() =>
     token_counts_follow_writes,
     destroy_only_unreferenced_decrypt_only_keys,
     batch_for_a_stopped_job_fails_alone,
+    finishing_a_restore_retires_every_active_key,
 );

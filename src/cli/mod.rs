@@ -1,6 +1,7 @@
 //! Command-line interface: `dev` and `serve` run the vault; `client` calls
-//! its token service; `keys`, `unseal`, `seal` manage keys; all remote calls
-//! go over mutual TLS with a development client certificate.
+//! its token service; `keys`, `unseal`, `seal` manage keys; `backup` and
+//! `restore` handle the database file; all remote calls go over mutual TLS
+//! with a development client certificate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use tokenvault::client::ClientPki;
 use tonic::transport::Channel;
 
 mod audit;
+mod backup;
 mod data;
 mod keys;
 mod serve;
@@ -61,6 +63,28 @@ enum Cmd {
         /// A share file written by `vault keys init` or a KEK rotation.
         #[arg(long)]
         share_file: Option<PathBuf>,
+    },
+    /// Write a consistent snapshot of the database (the vault may be
+    /// running). It never holds the KEK.
+    Backup {
+        #[command(flatten)]
+        target: backup::Target,
+        /// The backup file to create (must not exist; made mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup in place of the database. The vault must be stopped.
+    /// The next start retires every active data key.
+    Restore {
+        #[command(flatten)]
+        target: backup::Target,
+        /// The backup file, as written by `vault backup`.
+        #[arg(long)]
+        from: PathBuf,
+        /// Move an existing database aside (it is kept, renamed) instead of
+        /// refusing.
+        #[arg(long)]
+        replace: bool,
     },
     /// Drop all key material from the vault's memory.
     Seal {
@@ -119,6 +143,12 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Audit { cmd } => audit::run(cmd).await,
         Cmd::Unseal { conn, share_file } => keys::unseal(&conn, share_file.as_deref()).await,
         Cmd::Seal { conn, reason } => keys::seal(&conn, reason).await,
+        Cmd::Backup { target, out } => backup::backup(&target, &out),
+        Cmd::Restore {
+            target,
+            from,
+            replace,
+        } => backup::restore(&target, &from, replace),
         Cmd::SealStatus { conn } => keys::seal_status(&conn).await,
     }
 }

@@ -42,6 +42,9 @@ pub enum AuditAction {
     /// An administrator, auditor or custodian read key state: key status, a
     /// re-encryption job, the seal status (PCI DSS 10.2.1.2).
     KeyRead,
+    /// The first start after the database was restored from a backup: every
+    /// data key that was active was retired.
+    Restore,
 }
 
 impl AuditAction {
@@ -68,10 +71,11 @@ impl AuditAction {
             Self::AuditKeyCreate => "audit_key_create",
             Self::AuditRead => "audit_read",
             Self::KeyRead => "key_read",
+            Self::Restore => "restore",
         }
     }
 
-    pub const ALL: [AuditAction; 21] = [
+    pub const ALL: [AuditAction; 22] = [
         Self::Tokenize,
         Self::Detokenize,
         Self::GetMetadata,
@@ -93,6 +97,7 @@ impl AuditAction {
         Self::AuditKeyCreate,
         Self::AuditRead,
         Self::KeyRead,
+        Self::Restore,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {

@@ -280,6 +280,17 @@ pub trait Store: Send + Sync + 'static {
     /// KEK rotation: replaces the wrapped form of the listed DEKs, of the
     /// audit signing key (if given) and the KEK pin in one commit.
     /// `Precondition` unless the list covers every undestroyed DEK.
+    /// What a restore from backup left for the next start (a note naming
+    /// the backup), if this database was restored and the start after it
+    /// has not finished the restore yet.
+    async fn restore_marker(&self) -> Result<Option<String>, StoreError>;
+
+    /// Finishes a restore in one commit: every active data key becomes
+    /// decrypt-only (their use counters came from the backup and may be
+    /// behind), the marker is cleared, and `audit`, with the retired ids
+    /// added to its detail, is appended. Returns the retired ids.
+    async fn finish_restore(&self, audit: AuditEvent) -> Result<Vec<u32>, StoreError>;
+
     async fn rewrap_deks(
         &self,
         pin: &KekCheck,

@@ -261,6 +261,7 @@ impl Vault {
         settings: VaultSettings,
     ) -> Result<Arc<Self>, OpenError> {
         let v = Self::new(store, settings);
+        v.finish_restore().await?;
         let keys = v.open_ring(kek).await?;
         v.install_ring(Some(keys));
         Ok(v.shared())
@@ -268,8 +269,32 @@ impl Vault {
 
     /// Opens the vault sealed: it answers every data call UNAVAILABLE until
     /// custodians unseal it.
-    pub fn open_sealed(store: Arc<dyn Store>, settings: VaultSettings) -> Arc<Self> {
-        Self::new(store, settings).shared()
+    pub async fn open_sealed(
+        store: Arc<dyn Store>,
+        settings: VaultSettings,
+    ) -> Result<Arc<Self>, OpenError> {
+        let v = Self::new(store, settings);
+        v.finish_restore().await?;
+        Ok(v.shared())
+    }
+
+    /// On the first start after a restore from backup, before any key is
+    /// loaded: retires every data key that was active. Their use counters
+    /// came from the backup and may be behind their real use, so none may
+    /// encrypt again (SP 800-38D 8.3); each tenant's next tokenize makes a
+    /// fresh key. Needs no KEK, so a sealed start does it too.
+    async fn finish_restore(&self) -> Result<(), OpenError> {
+        let Some(note) = self.store.restore_marker().await? else {
+            return Ok(());
+        };
+        let mut audit = AuditEvent::new(now_ms(), SYSTEM_ACTOR, AuditAction::Restore);
+        audit.detail = Some(note);
+        let retired = self.store.finish_restore(audit).await?;
+        warn!(
+            retired = ?retired,
+            "database restored from a backup: every active data key retired; tokens made after the backup are gone"
+        );
+        Ok(())
     }
 
     /// Replaces how the KEK is reloaded (after a KEK rotation), or removes
@@ -604,9 +629,11 @@ mod tests {
     use std::time::Duration;
     use tokio::sync::oneshot;
 
-    fn sealed_vault(dir: &tempfile::TempDir) -> Arc<Vault> {
+    async fn sealed_vault(dir: &tempfile::TempDir) -> Arc<Vault> {
         let store = SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).unwrap();
         Vault::open_sealed(Arc::new(store), VaultSettings::default())
+            .await
+            .unwrap()
     }
 
     /// A step whose caller went away still runs; shutdown waits for it
@@ -614,7 +641,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn stopping_waits_for_running_steps_and_refuses_new_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let vault = sealed_vault(&dir);
+        let vault = sealed_vault(&dir).await;
         let (started_tx, started_rx) = oneshot::channel();
         let (go_tx, go_rx) = oneshot::channel::<()>();
         let v = vault.clone();
@@ -654,7 +681,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn stopping_gives_up_after_its_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let vault = sealed_vault(&dir);
+        let vault = sealed_vault(&dir).await;
         let v = vault.clone();
         let call = tokio::spawn(async move {
             v.to_completion(|_| std::future::pending::<Result<(), VaultError>>())

@@ -643,3 +643,53 @@ pub async fn batch_for_a_stopped_job_fails_alone<B: Backend>(b: &B) -> CheckResu
     let row = ok(s.get_token(&moved).await, "read")?.ok_or("row vanished")?;
     ensure(row.dek_id == 1, "a refused batch moved a row")
 }
+
+/// Finishing a restore retires every active key (of every tenant), leaves
+/// other states alone, names the retired keys in its audit record, and
+/// leaves no restore marker behind.
+pub async fn finishing_a_restore_retires_every_active_key<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    ensure(
+        ok(s.restore_marker().await, "restore_marker")?.is_none(),
+        "a new store says it was restored",
+    )?;
+    for (id, tenant) in [(1, "acme"), (2, "globex")] {
+        ok(
+            s.insert_dek(&dek(id, tenant, 1), event(AuditAction::DekCreate, None))
+                .await,
+            "insert dek",
+        )?;
+    }
+    ok(
+        s.rotate_dek(
+            &dek(3, "acme", 2),
+            Some(1),
+            event(AuditAction::DekRotate, None),
+        )
+        .await,
+        "rotate",
+    )?;
+    let ids = ok(
+        s.finish_restore(event(AuditAction::Restore, None)).await,
+        "finish_restore",
+    )?;
+    ensure(ids == vec![2, 3], format!("retired {ids:?}, want [2, 3]"))?;
+    let deks = ok(s.load_deks().await, "load_deks")?;
+    ensure(
+        deks.iter().all(|d| d.state == DekState::DecryptOnly),
+        format!(
+            "states after: {:?}",
+            deks.iter().map(|d| d.state).collect::<Vec<_>>()
+        ),
+    )?;
+    let last = audit_all(&*s).await?.pop().ok_or("no audit record")?;
+    ensure(
+        last.action == AuditAction::Restore.as_str()
+            && last.detail.as_deref() == Some("retired dek_ids=[2,3]"),
+        format!("audit record: {:?} {:?}", last.action, last.detail),
+    )?;
+    ensure(
+        ok(s.restore_marker().await, "restore_marker")?.is_none(),
+        "a marker after finishing",
+    )
+}

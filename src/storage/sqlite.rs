@@ -31,6 +31,7 @@ use crate::domain::store::{
 };
 use crate::domain::token::Token;
 
+mod backup;
 mod cache;
 mod offline;
 mod ops;
@@ -38,6 +39,7 @@ mod rows;
 mod schema;
 mod writer;
 
+pub use backup::{Snapshot, backup, check as check_backup, restore};
 pub use offline::{OfflineAudit, read_audit_offline};
 pub(crate) use rows::{AUDIT_COLUMNS, audit_from_row};
 use rows::{JOB_COLUMNS, checkpoint_from_row, hash_col, job_from_row, token_from_row};
@@ -534,6 +536,22 @@ impl Store for SqliteStore {
             .write(Op::ShredTenant(tenant.to_owned(), audit))
             .await?
         {
+            Done::Ids(ids) => Ok(ids),
+            _ => Err(unavailable("unexpected writer reply")),
+        }
+    }
+
+    async fn restore_marker(&self) -> Result<Option<String>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row(params![backup::RESTORE_MARKER], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
+                .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+        })
+    }
+
+    async fn finish_restore(&self, audit: AuditEvent) -> Result<Vec<u32>, StoreError> {
+        match self.write(Op::FinishRestore(audit)).await? {
             Done::Ids(ids) => Ok(ids),
             _ => Err(unavailable("unexpected writer reply")),
         }

@@ -26,6 +26,50 @@ pub const VAULT_ENV: &[&str] = &[
     "VAULT_URL",
 ];
 
+/// What a finished `vault` command printed.
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `vault` binary with `args` in `dir` (its output files go
+/// there too), bounded to a minute.
+pub fn vault_cli(args: &[&str], dir: &Path) -> CliRun {
+    let (out, err) = (dir.join("cli.stdout"), dir.join("cli.stderr"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).unwrap())
+        .stderr(File::create(&err).unwrap());
+    clear_vault_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_or_kill(
+        &mut child,
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+    )
+    .unwrap_or_else(|| panic!("vault {args:?} did not exit within a minute"));
+    CliRun {
+        code: status.code(),
+        stdout: std::fs::read_to_string(out).unwrap(),
+        stderr: std::fs::read_to_string(err).unwrap(),
+    }
+}
+
+/// Checks the audit log of the database at `db` (no vault running on it)
+/// with `vault audit verify-db`, under the public key the file holds.
+pub fn assert_audit_log_verifies(db: &Path, dir: &Path) {
+    let (db, pk) = (db.to_str().unwrap(), dir.join("audit.pub"));
+    let pk = pk.to_str().unwrap();
+    let _ = std::fs::remove_file(pk);
+    let run = vault_cli(&["audit", "public-key", "--db", db, "--out", pk], dir);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = vault_cli(&["audit", "verify-db", "--public-key", pk, db], dir);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+}
+
 /// Removes `VAULT_ENV` from `cmd`'s environment.
 pub fn clear_vault_env(cmd: &mut Command) -> &mut Command {
     for v in VAULT_ENV {

@@ -409,6 +409,29 @@ impl Builder {
                 };
                 self.tenant_event(ev);
             }
+            AuditAction::Restore => {
+                let ids = id_list(&detail);
+                let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+                ev.note = format!(
+                    "database restored from a backup ({}); {} retired [{}]",
+                    field(&detail, "backup").unwrap_or("?"),
+                    plural(ids.len() as u64, "active key", "active keys"),
+                    list.join(", ")
+                );
+                for id in &ids {
+                    let mut kev = ev.clone();
+                    kev.key_id = Some(*id);
+                    kev.key_version = self.keys.get(id).and_then(|s| s.version);
+                    kev.tenant = self.keys.get(id).map(|s| s.tenant.clone());
+                    kev.note = "retired: the database was restored from a backup".into();
+                    let k = self.key(*id, kev.key_version, kev.tenant.as_deref());
+                    if k.retired_ms.is_none() {
+                        k.retired_ms = Some(ev.time_ms);
+                    }
+                    self.push_key_event(*id, KeyEventKind::Retired, KeyState::DecryptOnly, &kev);
+                }
+                self.kek_events.push(ev);
+            }
             AuditAction::TenantShred => {
                 let ids = id_list(&detail);
                 let list: Vec<String> = ids.iter().map(u32::to_string).collect();

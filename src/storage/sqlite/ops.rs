@@ -93,6 +93,7 @@ pub fn apply<'a>(tx: &'a Connection, op: &Op, ctx: &mut BatchCtx<'a>) -> Result<
         Op::DestroyDek(id, since, audit) => {
             savepoint(tx, ctx, |tx, ctx| destroy_dek(tx, *id, *since, audit, ctx))
         }
+        Op::FinishRestore(audit) => savepoint(tx, ctx, |tx, ctx| finish_restore(tx, audit, ctx)),
         Op::ShredTenant(tenant, audit) => {
             savepoint(tx, ctx, |tx, ctx| shred_tenant(tx, tenant, audit, ctx))
         }
@@ -318,6 +319,33 @@ fn shred_tenant<'a>(
     });
     append_audit(tx, &audit, ctx).map_err(OpError::Fatal)?;
     ctx.newly_destroyed.extend(&ids);
+    Ok(Done::Ids(ids))
+}
+
+/// Retires every active data key and clears the restore marker, with the
+/// audit record naming the keys, in one commit.
+fn finish_restore<'a>(
+    tx: &'a Connection,
+    audit: &AuditEvent,
+    ctx: &mut BatchCtx<'a>,
+) -> Result<Done, OpError> {
+    let mut ids = tx
+        .prepare_cached(
+            "UPDATE deks SET state = 'decrypt-only' WHERE state = 'active' RETURNING id",
+        )?
+        .query_map([], |r| r.get::<_, u32>(0))?
+        .collect::<rusqlite::Result<Vec<u32>>>()?;
+    ids.sort_unstable();
+    tx.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+        .execute(params![super::backup::RESTORE_MARKER])?;
+    let mut audit = audit.clone();
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let note = format!("retired dek_ids=[{}]", list.join(","));
+    audit.detail = Some(match audit.detail.take() {
+        Some(d) => format!("{d} {note}"),
+        None => note,
+    });
+    append_audit(tx, &audit, ctx).map_err(OpError::Fatal)?;
     Ok(Done::Ids(ids))
 }
 

@@ -184,6 +184,11 @@ fn backfill_chain(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// The newest schema version this vault writes.
+pub const fn version() -> usize {
+    MIGRATIONS.len()
+}
+
 #[cfg(test)]
 pub const fn current_version() -> usize {
     MIGRATIONS.len()

@@ -39,6 +39,9 @@ pub enum Op {
     /// found unreferenced (see `destroy_dek` in ops.rs).
     DestroyDek(u32, u64, AuditEvent),
     ShredTenant(String, AuditEvent),
+    /// After a restore from backup: retire every active data key and
+    /// clear the restore marker (see `backup.rs`).
+    FinishRestore(AuditEvent),
     RewrapDeks(KekCheck, Vec<(u32, Vec<u8>)>, Option<Vec<u8>>, AuditEvent),
     InsertCheckpoint(Checkpoint),
     InitSigningKey(StoredSigningKey, AuditEvent),
@@ -601,7 +604,7 @@ mod tests {
         for rx in [&mut rb, &mut rc] {
             let res = answer(rx);
             assert!(
-                matches!(&res, Err(StoreError::Unavailable(m)) if m.contains("collision")),
+                matches!(&res, Err(StoreError::Unavailable(m)) if m.contains("UNIQUE constraint failed: audit.seq")),
                 "{res:?}"
             );
         }
