@@ -455,3 +455,45 @@ async fn shutdown_pauses_reencryption_before_the_final_checkpoint() {
     drop(admin);
     v.stop().await;
 }
+
+/// PCI DSS 3.6.1.1: production and test use different keys. `vault dev`
+/// makes and uses its own development KEK; with `VAULT_KEK` or
+/// `VAULT_KEK_FILE` set (as on a production host) it refuses to start
+/// before it creates anything, so a production KEK can never be pinned to
+/// a development database.
+#[test]
+fn vault_dev_refuses_a_kek_from_the_environment() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (var, value) in [
+        ("VAULT_KEK", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="),
+        ("VAULT_KEK_FILE", "/etc/vault/kek.b64"),
+    ] {
+        let err = dir.path().join("stderr");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
+        cmd.arg("dev")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap());
+        common::process::clear_vault_env(&mut cmd);
+        cmd.env(var, value);
+        let mut child = cmd.spawn().unwrap();
+        let status = common::process::wait_or_kill(
+            &mut child,
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+        )
+        .expect("vault dev did not exit");
+        let stderr = std::fs::read_to_string(&err).unwrap();
+        assert!(!status.success(), "vault dev started with {var} set");
+        assert!(
+            stderr.contains(var) && stderr.contains("production KEK"),
+            "{stderr}"
+        );
+        assert!(!data.exists(), "vault dev created files before refusing");
+    }
+}

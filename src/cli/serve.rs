@@ -8,7 +8,26 @@ use tokenvault::devpki::{DEV_CLIENTS, ensure_dev_dir};
 use tokenvault::hardening::{lock_memory, raise_open_files};
 use tokenvault::server::{StartError, open_configured, serve as serve_vault, shutdown_signal};
 
+/// Variables that would make `vault dev` use a key other than its own
+/// development KEK. A production KEK must never serve a development
+/// database (PCI DSS 3.6.1.1: production and test use different keys), so
+/// `vault dev` refuses to start while one is set, before it creates
+/// anything.
+const NOT_FOR_DEV: [&str; 2] = ["VAULT_KEK", "VAULT_KEK_FILE"];
+
 pub async fn dev(data_dir: &Path, listen: SocketAddr) -> Result<(), String> {
+    let set: Vec<&str> = NOT_FOR_DEV
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some())
+        .collect();
+    if !set.is_empty() {
+        return Err(format!(
+            "vault dev uses its own development KEK and refuses to start while {} is set: \
+             a production KEK must never serve a development database; unset it, or use \
+             `vault serve --config` for a real deployment",
+            set.join(" and ")
+        ));
+    }
     let layout = ensure_dev_dir(data_dir, listen).map_err(|e| e.to_string())?;
     let mut cfg = Config::load(&layout.config(), &ProcessEnv).map_err(|e| e.to_string())?;
     cfg.listen = listen;
