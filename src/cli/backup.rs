@@ -34,12 +34,28 @@ pub fn backup(target: &Target, out: &Path) -> Result<(), String> {
 
 pub fn restore(target: &Target, from: &Path, replace: bool) -> Result<(), String> {
     let db = target.db()?;
-    let (s, moved) =
-        tokenvault::storage::sqlite::restore(from, &db, replace).map_err(|e| e.to_string())?;
-    for m in moved {
-        println!("moved the previous database file aside to {}", m.display());
+    let r = tokenvault::storage::sqlite::restore(from, &db, replace).map_err(|e| e.to_string())?;
+    println!(
+        "restored {} from {}: {}",
+        db.display(),
+        from.display(),
+        r.snapshot
+    );
+    match &r.replaced {
+        Some(kept) => {
+            println!(
+                "the database it replaced is kept, complete, as {} (with the audit records made after the backup: export them before deleting it)",
+                kept.display()
+            );
+            println!(
+                "carried over from it: {} key destructions, {} token deletions",
+                r.keys_destroyed, r.tokens_deleted
+            );
+        }
+        None => println!(
+            "no database was replaced, so nothing was carried over: destroy again any key, and delete again any token, destroyed or deleted after the backup was taken"
+        ),
     }
-    println!("restored {} from {}: {s}", db.display(), from.display());
     println!(
         "tokens made after the backup are gone; at the next start every active data key is retired (audited), so no key continues from the backup's use counter"
     );

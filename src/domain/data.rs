@@ -308,9 +308,6 @@ impl Vault {
         }
     }
 
-    /// Fetches a token's record if it exists and belongs to a tenant the
-    /// caller reaches. Another tenant's token is reported exactly like a
-    /// missing one.
     /// Takes one call from the caller's detokenize budget (after the role
     /// check, so only identities that may detokenize have budgets).
     fn admit_detokenize(&self, caller: &Caller) -> Result<(), VaultError> {
@@ -347,6 +344,9 @@ impl Vault {
         }
     }
 
+    /// Fetches a token's record if it exists and belongs to a tenant the
+    /// caller reaches. Another tenant's token is reported exactly like a
+    /// missing one.
     async fn find(&self, caller: &Caller, token: &Token) -> Result<Arc<TokenRecord>, VaultError> {
         let rec = self
             .store

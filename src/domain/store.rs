@@ -277,9 +277,6 @@ pub trait Store: Send + Sync + 'static {
     /// Crypto-shredding: destroys every DEK of `tenant`, referenced or not.
     /// Returns the ids destroyed.
     async fn shred_tenant(&self, tenant: &str, audit: AuditEvent) -> Result<Vec<u32>, StoreError>;
-    /// KEK rotation: replaces the wrapped form of the listed DEKs, of the
-    /// audit signing key (if given) and the KEK pin in one commit.
-    /// `Precondition` unless the list covers every undestroyed DEK.
     /// What a restore from backup left for the next start (a note naming
     /// the backup), if this database was restored and the start after it
     /// has not finished the restore yet.
@@ -291,6 +288,9 @@ pub trait Store: Send + Sync + 'static {
     /// added to its detail, is appended. Returns the retired ids.
     async fn finish_restore(&self, audit: AuditEvent) -> Result<Vec<u32>, StoreError>;
 
+    /// KEK rotation: replaces the wrapped form of the listed DEKs, of the
+    /// audit signing key (if given) and the KEK pin in one commit.
+    /// `Precondition` unless the list covers every undestroyed DEK.
     async fn rewrap_deks(
         &self,
         pin: &KekCheck,

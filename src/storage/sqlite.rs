@@ -39,7 +39,7 @@ mod rows;
 mod schema;
 mod writer;
 
-pub use backup::{Snapshot, backup, check as check_backup, restore};
+pub use backup::{Restored, Snapshot, backup, check as check_backup, restore};
 pub use offline::{OfflineAudit, read_audit_offline};
 pub(crate) use rows::{AUDIT_COLUMNS, audit_from_row};
 use rows::{JOB_COLUMNS, checkpoint_from_row, hash_col, job_from_row, token_from_row};
