@@ -12,6 +12,8 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -68,12 +70,33 @@ type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, Plain<C>>;
 type Keyed<C> = RateLimiter<String, DashMapStateStore<String>, C, Plain<C>>;
 type Plain<C> = NoOpMiddleware<<C as Clock>::Instant>;
 
-/// The live budgets, one per identity. Lock-free for configured identities
-/// (the map is fixed at start); others share a keyed limiter, which only
-/// identities holding the detokenize role ever reach.
+/// One identity's budget. The rate limiter cannot go below empty, so what
+/// a miss costs beyond what is left is kept as debt: calls that free up go
+/// to the debt first, and the caller is refused until it is paid.
+struct Budget<C: Clock> {
+    calls: Direct<C>,
+    debt: AtomicU64,
+    interval: Duration,
+}
+
+impl<C: Clock + Clone> Budget<C> {
+    fn new(quota: Quota, clock: &C) -> Self {
+        Self {
+            calls: RateLimiter::direct_with_clock(quota, clock.clone()),
+            debt: AtomicU64::new(0),
+            interval: quota.replenish_interval(),
+        }
+    }
+}
+
+/// The live budgets, one per identity: fixed at start for the configured
+/// identities (no lock on the call path), made on first use with the
+/// default quota for any other; only identities holding the detokenize
+/// role ever reach them.
 pub struct Budgets<C: Clock = DefaultClock> {
-    configured: HashMap<String, Direct<C>>,
-    others: Keyed<C>,
+    configured: HashMap<String, Budget<C>>,
+    others: Mutex<HashMap<String, Arc<Budget<C>>>>,
+    default: Quota,
     alerts: Keyed<C>,
     miss_cost: NonZeroU32,
     clock: C,
@@ -99,38 +122,82 @@ impl<C: Clock + Clone> Budgets<C> {
         let configured = limits
             .per_identity
             .iter()
-            .map(|(id, q)| {
-                (
-                    id.clone(),
-                    RateLimiter::direct_with_clock(*q, clock.clone()),
-                )
-            })
+            .map(|(id, q)| (id.clone(), Budget::new(*q, &clock)))
             .collect();
         let alert_quota =
             Quota::with_period(ALERT_EVERY).unwrap_or(Quota::per_hour(NonZeroU32::MIN));
         Self {
             configured,
-            others: RateLimiter::new(limits.default, DashMapStateStore::default(), clock.clone()),
+            others: Mutex::default(),
+            default: limits.default,
             alerts: RateLimiter::new(alert_quota, DashMapStateStore::default(), clock.clone()),
             miss_cost: limits.miss_cost,
             clock,
         }
     }
 
-    /// Takes one call from `identity`'s budget. When it is spent: how long
-    /// until the next call would be admitted.
-    pub fn admit(&self, identity: &str) -> Result<(), Duration> {
-        let res = match self.configured.get(identity) {
-            Some(l) => l.check(),
-            None => self.others.check_key(&identity.to_owned()),
-        };
-        res.map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    fn with_budget<R>(&self, identity: &str, f: impl FnOnce(&Budget<C>) -> R) -> R {
+        if let Some(b) = self.configured.get(identity) {
+            return f(b);
+        }
+        let b = self
+            .others
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(identity.to_owned())
+            .or_insert_with(|| Arc::new(Budget::new(self.default, &self.clock)))
+            .clone();
+        f(&b)
     }
 
-    /// Charges a call that found no token with the rest of a miss's cost,
-    /// as far as the budget goes. True if that spent the budget.
+    /// Takes one call from `identity`'s budget, after paying any debt. When
+    /// it cannot: at least how long until it could.
+    pub fn admit(&self, identity: &str) -> Result<(), Duration> {
+        self.with_budget(identity, |b| {
+            loop {
+                let debt = b.debt.load(Ordering::Acquire);
+                if debt == 0 {
+                    break;
+                }
+                match b.calls.check() {
+                    Ok(()) => {
+                        let _ = b
+                            .debt
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                                d.checked_sub(1)
+                            });
+                    }
+                    Err(not_until) => {
+                        let wait = not_until.wait_time_from(self.clock.now());
+                        let more = u32::try_from(debt).unwrap_or(u32::MAX);
+                        return Err(wait.saturating_add(b.interval.saturating_mul(more)));
+                    }
+                }
+            }
+            b.calls
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        })
+    }
+
+    /// Charges a call that found no token with the rest of a miss's cost:
+    /// from the budget as far as it goes, the remainder as debt. True if
+    /// the budget is now spent.
     pub fn charge_miss(&self, identity: &str) -> bool {
-        (1..self.miss_cost.get()).any(|_| self.admit(identity).is_err())
+        self.with_budget(identity, |b| {
+            let rest = u64::from(self.miss_cost.get() - 1);
+            let paid = (0..rest).take_while(|_| b.calls.check().is_ok()).count();
+            let unpaid = rest.saturating_sub(u64::try_from(paid).unwrap_or(u64::MAX));
+            if unpaid == 0 {
+                return false;
+            }
+            let _ = b
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                    Some(d.saturating_add(unpaid))
+                });
+            true
+        })
     }
 
     /// Whether to raise an alert for `identity` now: at most one per
@@ -216,6 +283,30 @@ mod tests {
         b.admit("w").unwrap();
         assert!(b.charge_miss("w"), "the third miss spends the rest");
         assert!(b.admit("w").is_err());
+    }
+
+    /// A drained budget cannot make misses cheap: what a miss costs beyond
+    /// what is left becomes debt, paid before the next call is admitted.
+    #[test]
+    fn a_miss_on_a_drained_budget_is_paid_before_the_next_call() {
+        let clock = FakeRelativeClock::default();
+        let b = Budgets::with_clock(&limits(10, 5, 10), clock.clone());
+        assert_eq!(admitted(&b, "w", 5), 5);
+        clock.advance(Duration::from_millis(100));
+        b.admit("w").unwrap();
+        assert!(b.charge_miss("w"), "nothing left: all nine are debt");
+        let wait = b.admit("w").unwrap_err();
+        assert_eq!(
+            wait,
+            Duration::from_millis(1000),
+            "ten calls' worth: next cell + 9 of debt"
+        );
+        for _ in 0..9 {
+            clock.advance(Duration::from_millis(100));
+            assert!(b.admit("w").is_err(), "a freed call went to the debt");
+        }
+        clock.advance(Duration::from_millis(100));
+        b.admit("w").unwrap();
     }
 
     #[test]
