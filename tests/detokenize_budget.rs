@@ -9,7 +9,7 @@ use common::calls::{CALL_TIMEOUT, call};
 use common::process::VaultProc;
 use common::*;
 use tokenvault::client::{ClientPki, connect};
-use tokenvault::proto::{DetokenizeRequest, TokenizeRequest};
+use tokenvault::proto::{DetokenizeRequest, GetTokenMetadataRequest, TokenizeRequest};
 use tonic::{Code, Status};
 
 const PURPOSE: &str = "budget test";
@@ -140,6 +140,45 @@ async fn calls_for_unknown_tokens_spend_the_budget_ten_times_faster() {
         .await
         .expect("a cross-tenant miss did not spend the budget");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    v.stop().await;
+}
+
+async fn metadata(c: &mut Client, token: &str) -> Result<(), Status> {
+    call(c.get_token_metadata(GetTokenMetadataRequest {
+        token: token.into(),
+    }))
+    .await
+    .map(|_| ())
+}
+
+/// A payment worker cannot screen tokens through GetTokenMetadata for free
+/// and spend its detokenize budget only on hits: its metadata misses cost
+/// what detokenize misses cost. A checkout service (no detokenize role)
+/// reads metadata without a budget.
+#[tokio::test]
+async fn metadata_misses_by_a_payment_worker_spend_its_detokenize_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    append_config(dir.path(), &limits(1, 10, 10));
+    let v = TestVault::start_in(dir).await;
+    let pan = "5555555555554444";
+    let mut checkout = v.client("acme-checkout").await;
+    let token = tokenize(&mut checkout, pan).await;
+
+    let mut acme = v.client("acme-payments").await;
+    let miss = metadata(&mut acme, &unknown_token()).await.unwrap_err();
+    assert_eq!(miss.code(), Code::NotFound, "{miss:?}");
+    let refused = first_refusal(&mut acme, &token, pan, 3)
+        .await
+        .expect("a metadata miss did not spend the detokenize budget");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let screened = metadata(&mut acme, &token).await.unwrap_err();
+    assert_eq!(screened.code(), Code::ResourceExhausted, "{screened:?}");
+
+    for _ in 0..20 {
+        let miss = metadata(&mut checkout, &unknown_token()).await.unwrap_err();
+        assert_eq!(miss.code(), Code::NotFound, "{miss:?}");
+    }
+    metadata(&mut checkout, &token).await.unwrap();
     v.stop().await;
 }
 

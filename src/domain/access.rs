@@ -212,6 +212,13 @@ impl Caller {
         Ok(grant)
     }
 
+    /// Whether the caller's grant allows `action` (for policy that depends
+    /// on what else a caller may do; access itself goes through
+    /// [`Caller::authorize`]).
+    pub fn may(&self, action: Action) -> bool {
+        self.authorize(action).is_ok()
+    }
+
     /// The tenant a new token is created for: only a single-tenant grant can
     /// tokenize, so a token always has exactly one owner.
     pub fn home_tenant(&self) -> Option<&TenantId> {

@@ -6,9 +6,13 @@
 //! sustained rate and a burst). A call that names no token the caller may
 //! read — malformed, unknown, or another tenant's — costs `miss_cost` calls,
 //! so guessing or replaying tokens spends a budget many times faster than
-//! charging cards does. Running out is an alert: at most one warning per
-//! identity per [`ALERT_EVERY`], for the log pipeline to raise; the audit
-//! log keeps every refused call.
+//! charging cards does. Metadata reads by an identity that may detokenize
+//! draw on the same budget, so it cannot screen a token list for free
+//! through `GetTokenMetadata` and spend its budget only on hits. Running
+//! out is an alert: at most one warning per identity and [`Alert`] kind per
+//! [`ALERT_EVERY`], for the log pipeline to raise (so a caller refused for
+//! its rate still raises the enumeration alert); the audit log keeps every
+//! refused call.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -57,7 +61,7 @@ const fn nonzero(n: u32) -> NonZeroU32 {
 }
 
 /// Why an alert is raised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Alert {
     /// The identity asked faster than its budget allows.
     RateExceeded,
@@ -67,7 +71,8 @@ pub enum Alert {
 }
 
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, Plain<C>>;
-type Keyed<C> = RateLimiter<String, DashMapStateStore<String>, C, Plain<C>>;
+type Keyed<C> = RateLimiter<AlertKey, DashMapStateStore<AlertKey>, C, Plain<C>>;
+type AlertKey = (String, Alert);
 type Plain<C> = NoOpMiddleware<<C as Clock>::Instant>;
 
 /// One identity's budget. The rate limiter cannot go below empty, so what
@@ -200,10 +205,11 @@ impl<C: Clock + Clone> Budgets<C> {
         })
     }
 
-    /// Whether to raise an alert for `identity` now: at most one per
-    /// [`ALERT_EVERY`].
-    pub fn should_alert(&self, identity: &str) -> bool {
-        self.alerts.check_key(&identity.to_owned()).is_ok()
+    /// Whether to raise an alert of this kind for `identity` now: at most
+    /// one of each kind per [`ALERT_EVERY`], so one kind never hides the
+    /// other.
+    pub fn should_alert(&self, identity: &str, why: Alert) -> bool {
+        self.alerts.check_key(&(identity.to_owned(), why)).is_ok()
     }
 }
 
@@ -313,10 +319,22 @@ mod tests {
     fn alerts_are_throttled_per_identity() {
         let clock = FakeRelativeClock::default();
         let b = Budgets::with_clock(&limits(1, 1, 1), clock.clone());
-        assert!(b.should_alert("a"));
-        assert!(!b.should_alert("a"));
-        assert!(b.should_alert("b"));
+        assert!(b.should_alert("a", Alert::RateExceeded));
+        assert!(!b.should_alert("a", Alert::RateExceeded));
+        assert!(b.should_alert("b", Alert::RateExceeded));
         clock.advance(ALERT_EVERY);
-        assert!(b.should_alert("a"));
+        assert!(b.should_alert("a", Alert::RateExceeded));
+    }
+
+    /// A caller refused for its rate still raises the enumeration alert:
+    /// each kind has its own throttle.
+    #[test]
+    fn a_rate_alert_does_not_silence_a_misses_alert() {
+        let clock = FakeRelativeClock::default();
+        let b = Budgets::with_clock(&limits(1, 1, 1), clock);
+        assert!(b.should_alert("a", Alert::RateExceeded));
+        assert!(b.should_alert("a", Alert::Misses));
+        assert!(!b.should_alert("a", Alert::Misses));
+        assert!(!b.should_alert("a", Alert::RateExceeded));
     }
 }

@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use super::access::{Action, Caller, TenantId};
 use super::audit::{AuditAction, Outcome};
+use super::budget::Alert;
 use super::error::VaultError;
 use super::pan::{CardBrand, Pan, luhn_valid};
 use super::store::{StoreError, TokenRecord};
@@ -241,10 +242,27 @@ impl Vault {
         let parsed = Token::parse(token).ok();
         let res = async {
             caller.authorize(Action::GetMetadata)?;
+            // An identity that may detokenize reads metadata on its
+            // detokenize budget, misses included: else it could screen
+            // guessed or stolen tokens here for free and spend its budget
+            // only on hits.
+            let budgeted = caller.may(Action::Detokenize);
+            let missed = || {
+                if budgeted {
+                    self.detokenize_missed(caller);
+                }
+            };
+            if budgeted {
+                self.admit_detokenize(caller)?;
+            }
             // Sealed means no data call is served, metadata included.
             self.ring()?;
-            let token = parse_token(token)?;
-            let rec = self.find(caller, &token).await?;
+            let token = parse_token(token).inspect_err(|_| missed())?;
+            let rec = self.find(caller, &token).await.inspect_err(|e| {
+                if *e == VaultError::NotFound {
+                    missed();
+                }
+            })?;
             let audit = self.event(
                 caller,
                 AuditAction::GetMetadata,
@@ -314,7 +332,10 @@ impl Vault {
         let Err(wait) = self.budgets.admit(&caller.identity) else {
             return Ok(());
         };
-        if self.budgets.should_alert(&caller.identity) {
+        if self
+            .budgets
+            .should_alert(&caller.identity, Alert::RateExceeded)
+        {
             warn!(
                 alert = "detokenize_rate_exceeded",
                 caller = %caller.identity,
@@ -333,7 +354,8 @@ impl Vault {
     /// Charges a detokenize that named no token the caller may read: a
     /// malformed, unknown or other tenant's token.
     fn detokenize_missed(&self, caller: &Caller) {
-        if self.budgets.charge_miss(&caller.identity) && self.budgets.should_alert(&caller.identity)
+        if self.budgets.charge_miss(&caller.identity)
+            && self.budgets.should_alert(&caller.identity, Alert::Misses)
         {
             warn!(
                 alert = "detokenize_misses",
