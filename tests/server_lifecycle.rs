@@ -457,10 +457,11 @@ async fn shutdown_pauses_reencryption_before_the_final_checkpoint() {
 }
 
 /// PCI DSS 3.6.1.1: production and test use different keys. `vault dev`
-/// makes and uses its own development KEK; with `VAULT_KEK` or
-/// `VAULT_KEK_FILE` set (as on a production host) it refuses to start
-/// before it creates anything, so a production KEK can never be pinned to
-/// a development database.
+/// makes and uses its own development KEK and database; with `VAULT_KEK`,
+/// `VAULT_KEK_FILE` or `VAULT_DB` set (as on a production host) it refuses
+/// to start before it creates anything, so a production KEK can never be
+/// pinned to a development database, nor the development KEK to a
+/// database at a production path.
 #[test]
 fn vault_dev_refuses_a_kek_from_the_environment() {
     use std::process::{Command, Stdio};
@@ -476,6 +477,7 @@ fn vault_dev_refuses_a_kek_from_the_environment() {
     for (var, value) in [
         ("VAULT_KEK", kek.as_str()),
         ("VAULT_KEK_FILE", "/etc/vault/kek.b64"),
+        ("VAULT_DB", "/var/lib/vault/vault.db"),
     ] {
         let err = dir.path().join("stderr");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vault"));
@@ -498,7 +500,7 @@ fn vault_dev_refuses_a_kek_from_the_environment() {
         let stderr = std::fs::read_to_string(&err).unwrap();
         assert!(!status.success(), "vault dev started with {var} set");
         assert!(
-            stderr.contains(var) && stderr.contains("production KEK"),
+            stderr.contains(var) && stderr.contains("production KEK or database"),
             "{stderr}"
         );
         assert!(!data.exists(), "vault dev created files before refusing");

@@ -9,11 +9,12 @@ use tokenvault::hardening::{lock_memory, raise_open_files};
 use tokenvault::server::{StartError, open_configured, serve as serve_vault, shutdown_signal};
 
 /// Variables that would make `vault dev` use a key other than its own
-/// development KEK. A production KEK must never serve a development
-/// database (PCI DSS 3.6.1.1: production and test use different keys), so
-/// `vault dev` refuses to start while one is set, before it creates
-/// anything.
-const NOT_FOR_DEV: [&str; 2] = ["VAULT_KEK", "VAULT_KEK_FILE"];
+/// development KEK, or a database outside its data directory. A production
+/// KEK must never serve a development database, nor the development KEK a
+/// database at a production path (PCI DSS 3.6.1.1: production and test use
+/// different keys), so `vault dev` refuses to start while one is set,
+/// before it creates anything.
+const NOT_FOR_DEV: [&str; 3] = ["VAULT_KEK", "VAULT_KEK_FILE", "VAULT_DB"];
 
 pub async fn dev(data_dir: &Path, listen: SocketAddr) -> Result<(), String> {
     let set: Vec<&str> = NOT_FOR_DEV
@@ -22,9 +23,9 @@ pub async fn dev(data_dir: &Path, listen: SocketAddr) -> Result<(), String> {
         .collect();
     if !set.is_empty() {
         return Err(format!(
-            "vault dev uses its own development KEK and refuses to start while {} is set: \
-             a production KEK must never serve a development database; unset it, or use \
-             `vault serve --config` for a real deployment",
+            "vault dev uses its own development KEK and database and refuses to start while {} \
+             is set: a production KEK or database must never meet development keys; unset it, \
+             or use `vault serve --config` for a real deployment",
             set.join(" and ")
         ));
     }
