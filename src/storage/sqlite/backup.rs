@@ -272,6 +272,10 @@ fn set_aside(db: &Path) -> Result<PathBuf, StoreError> {
             _ => {}
         }
     }
+    // The removals must be on disk before the copy is renamed over the
+    // database: else a crash could leave the old WAL beside the restored
+    // file, and SQLite would replay it into the wrong database.
+    sync_dir(parent(db)).map_err(unavailable)?;
     Ok(kept)
 }
 
