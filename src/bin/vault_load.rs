@@ -1,11 +1,14 @@
 //! `vault-load`: a closed-loop load generator that measures the vault against
-//! a no-op gRPC server with the same TLS and server settings, in one process.
+//! a no-op gRPC server with the same TLS and server settings.
 //!
-//! Both servers run in-process on 127.0.0.1:0 and share the machine (and the
-//! tokio runtime) with the clients, so the comparison is between "the whole
-//! vault" and "gRPC over mutual TLS with nothing behind it" under identical
-//! conditions. N workers each keep one request in flight, spread round-robin
-//! over `--connections` HTTP/2 channels per client identity.
+//! Both servers listen on 127.0.0.1:0. By default they share this process
+//! and its tokio runtime with the clients; with `--servers child` they run
+//! in a child process (this binary again, with `--serve-child`), apart
+//! from the clients, as a deployed vault runs apart from its callers.
+//! Either way the comparison is between "the whole vault"
+//! and "gRPC over mutual TLS with nothing behind it" under identical
+//! conditions. N workers each keep one request in flight, spread
+//! round-robin over `--connections` HTTP/2 channels per client identity.
 //!
 //! ```text
 //! cargo build --release --bin vault-load
@@ -145,6 +148,24 @@ struct Args {
     /// Tokens created before a detokenize run, picked round-robin.
     #[arg(long, default_value_t = 10_000)]
     pool: usize,
+    /// Where the two servers run: in this process, sharing its tokio
+    /// runtime with the clients (the default, as every result in
+    /// BENCHMARKS.md before this option was measured), or in a child
+    /// process of their own, apart from the clients, as a deployed vault
+    /// runs apart from its callers.
+    #[arg(long, value_enum, default_value_t = Servers::InProcess)]
+    servers: Servers,
+    /// Internal: run as the child that serves (see `--servers child`).
+    #[arg(long, hide = true)]
+    serve_child: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Servers {
+    /// Both servers in one child process; the clients in this one.
+    Child,
+    /// Servers and clients in this process, on one tokio runtime.
+    InProcess,
 }
 
 // ---------------------------------------------------------------------------
@@ -347,17 +368,201 @@ async fn start_noop(cfg: &Config) -> Result<Running, BoxError> {
     })
 }
 
+/// Where the clients reach one server, and the process serving it when
+/// that is not this one (for its CPU time).
+struct Endpoint {
+    url: String,
+    pid: Option<u32>,
+}
+
+/// The servers of one run, started in this process or in a child.
+struct ServerSet {
+    noop: Option<Endpoint>,
+    vault: Option<Endpoint>,
+    running: Vec<Running>,
+    child: Option<std::process::Child>,
+}
+
+impl ServerSet {
+    async fn start(args: &Args, root: &Path, targets: &[Target]) -> Result<Self, BoxError> {
+        match args.servers {
+            Servers::InProcess => Self::in_process(root, targets).await,
+            Servers::Child => Self::in_child(args, root),
+        }
+    }
+
+    async fn in_process(root: &Path, targets: &[Target]) -> Result<Self, BoxError> {
+        let cfg = load_config(root)?;
+        let mut set = Self {
+            noop: None,
+            vault: None,
+            running: Vec::new(),
+            child: None,
+        };
+        for &t in targets {
+            let r = match t {
+                Target::Noop => start_noop(&cfg).await?,
+                Target::Vault => start_vault(&cfg).await?,
+            };
+            set.put(t, r.url.clone(), None);
+            set.running.push(r);
+        }
+        Ok(set)
+    }
+
+    /// Runs `vault-load --serve-child` on the same data directory and reads
+    /// the servers' addresses from its standard output. The child serves
+    /// until its standard input closes.
+    fn in_child(args: &Args, root: &Path) -> Result<Self, BoxError> {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--serve-child")
+            .arg("--data-dir")
+            .arg(root)
+            .arg("--target")
+            .arg(value_name(args.target))
+            .arg("--mode")
+            .arg(value_name(args.mode))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        let mut set = Self {
+            noop: None,
+            vault: None,
+            running: Vec::new(),
+            child: None,
+        };
+        let stdout = child.stdout.take().ok_or("child has no stdout")?;
+        set.child = Some(child);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            match line.split_once(' ') {
+                Some(("noop", url)) => set.put(Target::Noop, url.to_owned(), Some(pid)),
+                Some(("vault", url)) => set.put(Target::Vault, url.to_owned(), Some(pid)),
+                _ if line == "ready" => return Ok(set),
+                _ => return Err(format!("unexpected line from the serving child: {line}").into()),
+            }
+        }
+        Err("the serving child exited before it was ready".into())
+    }
+
+    fn put(&mut self, target: Target, url: String, pid: Option<u32>) {
+        let e = Some(Endpoint { url, pid });
+        match target {
+            Target::Noop => self.noop = e,
+            Target::Vault => self.vault = e,
+        }
+    }
+
+    fn get(&self, target: Target) -> Option<&Endpoint> {
+        match target {
+            Target::Noop => self.noop.as_ref(),
+            Target::Vault => self.vault.as_ref(),
+        }
+    }
+
+    /// Stops every server and waits for it, so the vault's database is
+    /// closed (and checkpointed) before it is read.
+    async fn stop(mut self) -> Result<(), BoxError> {
+        for r in self.running.drain(..) {
+            r.stop().await?;
+        }
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        drop(child.stdin.take());
+        let give_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("the serving child ended with {status}").into())
+                };
+            }
+            if Instant::now() >= give_up {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the serving child did not stop within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The name clap parses back for a `ValueEnum` value.
+fn value_name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// The child side of `--servers child`: serves the run's servers, prints
+/// their addresses and `ready`, and stops when standard input closes.
+async fn serve_child(args: &Args, root: &Path) -> Result<(), BoxError> {
+    let (targets, _) = plan(args);
+    let set = ServerSet::in_process(root, &targets).await?;
+    for t in targets {
+        if let Some(e) = set.get(t) {
+            println!(
+                "{} {}",
+                if t == Target::Noop { "noop" } else { "vault" },
+                e.url
+            );
+        }
+    }
+    println!("ready");
+    tokio::task::spawn_blocking(|| {
+        use std::io::Read as _;
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+    })
+    .await?;
+    set.stop().await
+}
+
+/// The run's config: the dev data directory's, with the detokenize budget
+/// raised, since one identity drives the whole load, far above a real
+/// caller's budget. It is raised, not switched off, so every call still
+/// pays for its check.
+fn load_config(root: &Path) -> Result<Config, BoxError> {
+    let layout = DevLayout::new(root);
+    let env: HashMap<String, String> = HashMap::new();
+    let mut cfg = Config::load(&layout.config(), &env)?;
+    cfg.limits.detokenize_per_second = tokenvault::config::MAX_DETOKENIZE_RATE;
+    cfg.limits.detokenize_burst = tokenvault::config::MAX_DETOKENIZE_RATE;
+    Ok(cfg)
+}
+
+/// Which servers a run measures, and which operations.
+fn plan(args: &Args) -> (Vec<Target>, Vec<Op>) {
+    let ops = match args.mode {
+        Mode::Tokenize => vec![Op::Tokenize],
+        Mode::Detokenize => vec![Op::Detokenize],
+        Mode::Both | Mode::NoopOnly => vec![Op::Tokenize, Op::Detokenize],
+    };
+    let targets = match (args.mode, args.target) {
+        (Mode::NoopOnly, _) | (_, TargetArg::Noop) => vec![Target::Noop],
+        (_, TargetArg::Vault) => vec![Target::Vault],
+        (_, TargetArg::Compare) => vec![Target::Noop, Target::Vault],
+    };
+    (targets, ops)
+}
+
 // ---------------------------------------------------------------------------
 // CPU accounting (Linux /proc; absent elsewhere).
 
-/// Busy ticks of the whole machine and of this process, in USER_HZ.
+/// Busy ticks of the whole machine and of this process (with the serving
+/// child, if there is one), in USER_HZ.
 #[derive(Debug, Clone, Copy)]
 struct CpuTicks {
     machine_busy: u64,
     own: u64,
 }
 
-fn cpu_ticks() -> Option<CpuTicks> {
+fn cpu_ticks(child: Option<u32>) -> Option<CpuTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu: Vec<u64> = stat
         .lines()
@@ -374,16 +579,24 @@ fn cpu_ticks() -> Option<CpuTicks> {
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, v)| v)
         .sum();
-    let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let child = match child {
+        Some(pid) => process_ticks(&format!("/proc/{pid}/stat"))?,
+        None => 0,
+    };
+    Some(CpuTicks {
+        machine_busy: busy,
+        own: process_ticks("/proc/self/stat")? + child,
+    })
+}
+
+/// utime + stime of one process, from its `/proc/<pid>/stat`.
+fn process_ticks(path: &str) -> Option<u64> {
+    let me = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the line, i.e. the 12th and 13th after it.
     let rest = me.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let own = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(CpuTicks {
-        machine_busy: busy,
-        own,
-    })
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// (CPU seconds used by this process, CPU seconds used by everything else).
@@ -419,8 +632,8 @@ struct RunResult {
     p999: f64,
     max: f64,
     errors: BTreeMap<String, (u64, String)>,
-    /// CPU µs this process spent per successful call in the measured window
-    /// (clients and both servers together).
+    /// CPU µs spent per successful call in the measured window by the
+    /// clients and both servers together (this process and its child).
     cpu_us_per_call: f64,
     /// Cores' worth of CPU used by other processes during the window.
     other_cores: f64,
@@ -500,12 +713,13 @@ async fn measure(
     round: usize,
     target: Target,
     op: Op,
-    url: &str,
+    at: &Endpoint,
     layout: &DevLayout,
     args: &Args,
     pans: Arc<AtomicU64>,
 ) -> Result<RunResult, BoxError> {
     let tok_pki = ClientPki::from_dev_dir(&layout.root, TOKENIZER)?;
+    let url = at.url.as_str();
     let tok_channels = open_channels(url, &tok_pki, args.connections).await?;
     let pool: Arc<Vec<String>> = Arc::new(match op {
         Op::Tokenize => Vec::new(),
@@ -587,11 +801,12 @@ async fn measure(
             out
         }));
     }
+    let child = at.pid;
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
-        let a = cpu_ticks();
+        let a = cpu_ticks(child);
         tokio::time::sleep_until(deadline.into()).await;
-        cpu_between(a, cpu_ticks())
+        cpu_between(a, cpu_ticks(child))
     });
     let mut lat: Vec<u32> = Vec::new();
     let mut errors: BTreeMap<String, (u64, String)> = BTreeMap::new();
@@ -810,44 +1025,15 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 async fn run_in(args: &Args, root: &Path) -> Result<(), BoxError> {
     let layout = ensure_dev_dir(root, "127.0.0.1:0".parse()?)?;
-    let env: HashMap<String, String> = HashMap::new();
-    let mut cfg = Config::load(&layout.config(), &env)?;
-    // One identity drives the whole load, far above a real caller's
-    // detokenize budget. The budget is raised, not switched off, so every
-    // call still pays for its check.
-    cfg.limits.detokenize_per_second = tokenvault::config::MAX_DETOKENIZE_RATE;
-    cfg.limits.detokenize_burst = tokenvault::config::MAX_DETOKENIZE_RATE;
-
-    let (targets, ops): (Vec<Target>, Vec<Op>) = {
-        let ops = match args.mode {
-            Mode::Tokenize => vec![Op::Tokenize],
-            Mode::Detokenize => vec![Op::Detokenize],
-            Mode::Both | Mode::NoopOnly => vec![Op::Tokenize, Op::Detokenize],
-        };
-        let targets = match (args.mode, args.target) {
-            (Mode::NoopOnly, _) | (_, TargetArg::Noop) => vec![Target::Noop],
-            (_, TargetArg::Vault) => vec![Target::Vault],
-            (_, TargetArg::Compare) => vec![Target::Noop, Target::Vault],
-        };
-        (targets, ops)
-    };
+    let (targets, ops) = plan(args);
     let compare = targets.len() == 2;
-
-    let noop = if targets.contains(&Target::Noop) {
-        Some(start_noop(&cfg).await?)
-    } else {
-        None
-    };
-    let vault = if targets.contains(&Target::Vault) {
-        Some(start_vault(&cfg).await?)
-    } else {
-        None
-    };
+    let servers = ServerSet::start(args, root, &targets).await?;
     eprintln!("data dir: {}", root.display());
-    if let Some(n) = &noop {
+    eprintln!("servers:  {}", value_name(args.servers));
+    if let Some(n) = &servers.noop {
         eprintln!("no-op server: {}", n.url);
     }
-    if let Some(v) = &vault {
+    if let Some(v) = &servers.vault {
         eprintln!("vault:        {}", v.url);
     }
 
@@ -858,11 +1044,7 @@ async fn run_in(args: &Args, root: &Path) -> Result<(), BoxError> {
         for round in 1..=args.rounds {
         for &op in &ops {
             for &target in &targets {
-                let url = match target {
-                    Target::Noop => noop.as_ref().map(|r| r.url.clone()),
-                    Target::Vault => vault.as_ref().map(|r| r.url.clone()),
-                }
-                .ok_or("server not started")?;
+                let at = servers.get(target).ok_or("server not started")?;
                 eprintln!(
                     "round {round}: {} / {}: {} workers, {} s warm-up + {} s",
                     target.name(),
@@ -871,7 +1053,7 @@ async fn run_in(args: &Args, root: &Path) -> Result<(), BoxError> {
                     args.warmup,
                     args.seconds
                 );
-                let r = measure(round, target, op, &url, &layout, args, pans.clone()).await?;
+                let r = measure(round, target, op, at, &layout, args, pans.clone()).await?;
                 eprintln!(
                     "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, {} ok, errors: {}, \
                      {:.0} CPU µs/call, other processes {:.2} cores",
@@ -892,11 +1074,9 @@ async fn run_in(args: &Args, root: &Path) -> Result<(), BoxError> {
     }
     .await;
 
-    if let Some(n) = noop {
-        n.stop().await?;
-    }
-    if let Some(v) = vault {
-        v.stop().await?;
+    let had_vault = servers.vault.is_some();
+    servers.stop().await?;
+    if had_vault {
         match audit_counts(&layout.db()) {
             Ok(rows) => {
                 let total: i64 = rows.iter().map(|(_, n)| n).sum();
@@ -919,6 +1099,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
         return Err(
             "--concurrency, --connections, --seconds and --rounds must be at least 1".into(),
         );
+    }
+    if args.serve_child {
+        let root = args
+            .data_dir
+            .clone()
+            .ok_or("--serve-child needs --data-dir")?;
+        return serve_child(&args, &root)
+            .await
+            .map_err(|e| -> Box<dyn Error> { e });
     }
     run(args).await.map_err(|e| -> Box<dyn Error> { e })
 }
