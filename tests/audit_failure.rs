@@ -6,23 +6,14 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::calls::{CALL_TIMEOUT, call};
+use common::calls::call;
 use common::process::{VaultProc, assert_audit_log_verifies};
 use common::*;
-use tokenvault::client::{ClientPki, connect};
 use tokenvault::proto::{DetokenizeRequest, TokenizeRequest};
 use tonic::Code;
 
 const PAN: &str = "4111111111111111";
 const OTHER_PAN: &str = "5555555555554444";
-
-async fn client(url: &str, root: &Path, name: &str) -> Client {
-    let pki = ClientPki::from_dev_dir(root, name).unwrap();
-    tokio::time::timeout(CALL_TIMEOUT, connect(url, &pki))
-        .await
-        .unwrap()
-        .unwrap()
-}
 
 fn tok(pan: &str) -> TokenizeRequest {
     TokenizeRequest {
@@ -59,8 +50,8 @@ async fn audit_write_failure_fails_closed_and_raises_an_alert() {
     let mut vault = VaultProc::start(&data, &dir.path().join("logs"), "run", "info");
     let url = vault.url();
     let db = data.join("vault.db");
-    let mut checkout = client(&url, &data, "acme-checkout").await;
-    let mut payments = client(&url, &data, "acme-payments").await;
+    let mut checkout = client_at(&url, &data, "acme-checkout").await;
+    let mut payments = client_at(&url, &data, "acme-payments").await;
     let token = call(checkout.tokenize(tok(PAN)))
         .await
         .unwrap()

@@ -9,23 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use common::calls::{CALL_TIMEOUT, assert_all_detokenize, call, tokenize_many};
+use common::calls::{assert_all_detokenize, call, tokenize_many};
 use common::cards::visa_pan;
 use common::process::{VaultProc, assert_audit_log_verifies, vault_cli};
 use common::*;
-use tokenvault::client::{ClientPki, connect};
 use tokenvault::proto::{DeleteTokenRequest, DetokenizeRequest, TokenizeRequest};
 use tonic::Code;
 
 const PURPOSE: &str = "restore drill";
-
-async fn client(url: &str, root: &Path, name: &str) -> Client {
-    let pki = ClientPki::from_dev_dir(root, name).unwrap();
-    tokio::time::timeout(CALL_TIMEOUT, connect(url, &pki))
-        .await
-        .unwrap()
-        .unwrap()
-}
 
 fn active_keys(db: &Path) -> Vec<u32> {
     let c = rusqlite::Connection::open(db).unwrap();
@@ -53,10 +44,10 @@ async fn a_restore_drill_recovers_the_backup_and_retires_its_keys() {
     let backup_s = backup.to_str().unwrap();
     let mut vault = VaultProc::start(&data, &work.join("logs"), "first", "info");
     let url = vault.url();
-    let checkout = client(&url, &data, "acme-checkout").await;
+    let checkout = client_at(&url, &data, "acme-checkout").await;
     let before = tokenize_many(&checkout, 40_000_000, 60).await;
     let globex_before = tokenize_many(
-        &client(&url, &data, "globex-checkout").await,
+        &client_at(&url, &data, "globex-checkout").await,
         41_000_000,
         10,
     )
@@ -208,10 +199,10 @@ async fn a_restore_drill_recovers_the_backup_and_retires_its_keys() {
 
     let vault = VaultProc::start(&data, &work.join("logs"), "second", "info");
     let url = vault.url();
-    let payments = client(&url, &data, "acme-payments").await;
+    let payments = client_at(&url, &data, "acme-payments").await;
     assert_all_detokenize(&payments, &before[1..], PURPOSE).await;
     assert_all_detokenize(
-        &client(&url, &data, "globex-payments").await,
+        &client_at(&url, &data, "globex-payments").await,
         &globex_before,
         PURPOSE,
     )
@@ -234,7 +225,7 @@ async fn a_restore_drill_recovers_the_backup_and_retires_its_keys() {
         active_keys(&db).is_empty(),
         "a key active in the backup is still active"
     );
-    let checkout = client(&url, &data, "acme-checkout").await;
+    let checkout = client_at(&url, &data, "acme-checkout").await;
     let fresh = tokenize_many(&checkout, 44_000_000, 5).await;
     assert_all_detokenize(&payments, &fresh, PURPOSE).await;
     let new_active = active_keys(&db);

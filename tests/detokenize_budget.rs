@@ -1,14 +1,11 @@
-//! Proves that detokenize is rate-limited per caller identity over real gRPC: a caller past its budget gets RESOURCE_EXHAUSTED (audited, with no token or digits in the message) while another caller is served; calls for tokens that do not exist spend the budget ten times faster; and running out raises one throttled alert in the server log.
+//! Proves that detokenize is rate-limited per caller identity over real gRPC: a caller past its budget gets RESOURCE_EXHAUSTED (audited, with no token or digits in the message) while another caller is served; calls for tokens that do not exist, by detokenize or by a payment worker's metadata read, spend the budget ten times faster; and running out raises one throttled alert in the server log.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
-use std::path::Path;
-
-use common::calls::{CALL_TIMEOUT, call};
+use common::calls::call;
 use common::process::VaultProc;
 use common::*;
-use tokenvault::client::{ClientPki, connect};
 use tokenvault::proto::{DetokenizeRequest, GetTokenMetadataRequest, TokenizeRequest};
 use tonic::{Code, Status};
 
@@ -182,14 +179,6 @@ async fn metadata_misses_by_a_payment_worker_spend_its_detokenize_budget() {
     v.stop().await;
 }
 
-async fn client(url: &str, root: &Path, name: &str) -> Client {
-    let pki = ClientPki::from_dev_dir(root, name).unwrap();
-    tokio::time::timeout(CALL_TIMEOUT, connect(url, &pki))
-        .await
-        .unwrap()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn running_out_raises_one_throttled_alert_per_caller() {
     let dir = tempfile::tempdir().unwrap();
@@ -198,9 +187,9 @@ async fn running_out_raises_one_throttled_alert_per_caller() {
     let vault = VaultProc::start(&data, &dir.path().join("logs"), "budget", "info");
     let url = vault.url();
     let pan = "4000056655665556";
-    let token = tokenize(&mut client(&url, &data, "acme-checkout").await, pan).await;
+    let token = tokenize(&mut client_at(&url, &data, "acme-checkout").await, pan).await;
 
-    let mut acme = client(&url, &data, "acme-payments").await;
+    let mut acme = client_at(&url, &data, "acme-payments").await;
     let mut refusals = 0;
     for _ in 0..30 {
         if detokenize(&mut acme, &token).await.is_err() {
@@ -209,7 +198,7 @@ async fn running_out_raises_one_throttled_alert_per_caller() {
     }
     assert!(refusals >= 2, "{refusals} refusals");
 
-    let mut globex = client(&url, &data, "globex-payments").await;
+    let mut globex = client_at(&url, &data, "globex-payments").await;
     for _ in 0..3 {
         let miss = detokenize(&mut globex, &unknown_token()).await.unwrap_err();
         assert!(

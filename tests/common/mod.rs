@@ -24,6 +24,17 @@ use tonic::transport::Channel;
 pub type Client = TokenServiceClient<Channel>;
 pub type KeysClient = KeyServiceClient<Channel>;
 
+/// A TokenService client for caller `name` of the development data
+/// directory `root`, connected to a vault at `url` (a `vault` child
+/// process, say), bounded by `CALL_TIMEOUT`.
+pub async fn client_at(url: &str, root: &Path, name: &str) -> Client {
+    let pki = ClientPki::from_dev_dir(root, name).unwrap();
+    tokio::time::timeout(calls::CALL_TIMEOUT, connect(url, &pki))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// The example callers of the development setup.
 pub const ACME_CHECKOUT: &str = "acme-checkout";
 pub const ACME_PAYMENTS: &str = "acme-payments";
