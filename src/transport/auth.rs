@@ -90,7 +90,8 @@ fn peer_string(addr: std::net::SocketAddr) -> String {
 /// identity by a route its issuer did not mean: a SAN extension that does
 /// not parse, more than one URI SAN (or, with none, more than one DNS SAN),
 /// or a SAN holding only other kinds of name (IP, email, …) names no
-/// identity, and the subject CN is never consulted when a SAN is present.
+/// identity, nor does a subject with more than one CN; and the subject CN
+/// is never consulted when a SAN is present.
 pub fn identity_from_der(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     match cert.subject_alternative_name() {
@@ -117,12 +118,15 @@ pub fn identity_from_der(der: &[u8]) -> Option<String> {
                 _ => None,
             }
         }
-        Ok(None) => cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned),
+        // A subject may hold several CNs (`CN=worker, CN=admin`, or a
+        // multi-valued RDN): like several SANs, they name no one.
+        Ok(None) => {
+            let mut cns = cert.subject().iter_common_name();
+            match (cns.next(), cns.next()) {
+                (Some(cn), None) => cn.as_str().ok().map(str::to_owned),
+                _ => None,
+            }
+        }
     }
 }
 
@@ -192,5 +196,24 @@ mod tests {
         let c = cert(None, vec![dns("a.example"), dns("admin.example")]);
         assert_eq!(identity_from_der(&c), None);
         assert_eq!(identity_from_der(b"not a certificate"), None);
+    }
+
+    /// A SAN-less certificate whose subject holds two CNs (one written
+    /// through its raw OID, 2.5.4.3, since rcgen keeps one value per
+    /// attribute type) names no one, whichever comes first.
+    #[test]
+    fn a_subject_with_two_common_names_names_no_one() {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "acme-worker");
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "admin-global");
+        let key = KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let (_, parsed) = X509Certificate::from_der(&der).unwrap();
+        assert_eq!(parsed.subject().iter_common_name().count(), 2);
+        assert_eq!(identity_from_der(&der), None);
     }
 }
