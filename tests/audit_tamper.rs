@@ -917,6 +917,48 @@ async fn a_vault_whose_audit_chain_head_is_missing_refuses_to_start() {
     assert_eq!(audit_rows(&db).len(), before, "nothing may be appended");
 }
 
+/// Records removed from the end of the log, past its last signed
+/// checkpoint, or a record at a checkpoint altered: the vault refuses to
+/// start instead of reusing signed sequence numbers on a chain that can
+/// never verify again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vault_whose_log_lost_signed_records_refuses_to_start() {
+    for (case, tamper, want) in [
+        (
+            "tail removed",
+            "DELETE FROM audit WHERE seq > (SELECT MAX(seq) FROM checkpoints) - 2;",
+            "audit records were removed",
+        ),
+        (
+            "checkpointed record altered",
+            "UPDATE audit SET chain_hash = zeroblob(32)
+             WHERE seq = (SELECT MAX(seq) FROM checkpoints);",
+            "does not match the signed checkpoint",
+        ),
+    ] {
+        let v = TestVault::start().await;
+        let mut c = v.client(ACME_CHECKOUT).await;
+        call(c.tokenize(TokenizeRequest {
+            pan: "4111111111111111".into(),
+            expiry: None,
+        }))
+        .await
+        .unwrap();
+        drop(c);
+        let db = v.db_path();
+        // Stopping signs a checkpoint of the head.
+        let data = v.stop().await;
+        sql(&db, &format!("{DROP_AUDIT_TRIGGERS} {tamper}"));
+        let before = audit_rows(&db).len();
+        let Err((_data, e)) = TestVault::try_start_in(data, &[]).await else {
+            panic!("{case}: the vault started");
+        };
+        let e = e.to_string();
+        assert!(e.contains(want), "{case}: {e}");
+        assert_eq!(audit_rows(&db).len(), before, "{case}: nothing appended");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The verifier's independence.
 

@@ -149,6 +149,7 @@ impl WriterState {
                 (seq, head)
             }
         };
+        check_signed_prefix(conn, last_seq)?;
         let mut st = conn
             .prepare("SELECT id FROM deks WHERE state = 'destroyed'")
             .map_err(map_err)?;
@@ -165,6 +166,44 @@ impl WriterState {
             pending_truncate: false,
         })
     }
+}
+
+/// Refuses to open a log that no longer holds what its latest signed
+/// checkpoint covers: records removed from its end (a lost WAL, or rows
+/// deleted past the triggers) would otherwise let the writer hand out
+/// sequence numbers already signed for, and extend a chain that can never
+/// verify again. One lookup; the full chain is the verifier's job.
+fn check_signed_prefix(conn: &Connection, last_seq: i64) -> Result<(), StoreError> {
+    let signed: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, chain_hash FROM checkpoints ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(map_err)?;
+    let Some((cp_seq, cp_hash)) = signed else {
+        return Ok(());
+    };
+    if cp_seq > last_seq {
+        return Err(StoreError::Corrupt(format!(
+            "the audit log ends at seq {last_seq}, but a signed checkpoint covers it to seq              {cp_seq}: audit records were removed; refusing to open"
+        )));
+    }
+    let at: Option<Option<Vec<u8>>> = conn
+        .query_row(
+            "SELECT chain_hash FROM audit WHERE seq = ?1",
+            [cp_seq],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(map_err)?;
+    if at.flatten().as_deref() != Some(cp_hash.as_slice()) {
+        return Err(StoreError::Corrupt(format!(
+            "the audit record at seq {cp_seq} does not match the signed checkpoint of it:              the audit log was altered; refusing to open"
+        )));
+    }
+    Ok(())
 }
 
 /// What one batch changes beyond its SQL, applied to the writer state only
