@@ -1,7 +1,9 @@
 //! Fail closed on tampered storage, over gRPC: a token row whose ciphertext
 //! was altered, swapped with another row's, or whose metadata no longer
 //! decodes answers DATA_LOSS, never a wrong card number and never an
-//! invitation to retry; the untouched rows still work.
+//! invitation to retry; the untouched rows still work. A row naming a key
+//! the vault never held is tampering too (DATA_LOSS); a row whose tenant
+//! was altered reveals nothing to any tenant's caller (NOT_FOUND).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -109,5 +111,75 @@ async fn tampered_token_rows_answer_data_loss_and_never_a_card_number() {
         .count();
     assert_eq!(losses, 4);
     drop((payments, checkout));
+    v.stop().await;
+}
+
+/// A token row pointed at a data key the vault never held answers
+/// DATA_LOSS (tampering), not the FAILED_PRECONDITION a destroyed key
+/// gives; a row whose tenant was altered answers NOT_FOUND to every
+/// tenant's caller, as a missing token does, and DATA_LOSS to an
+/// administrator of all tenants.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_naming_an_unknown_key_or_tenant_fail_closed() {
+    let v = TestVault::start().await;
+    let mut checkout = v.client(ACME_CHECKOUT).await;
+    let pans: Vec<String> = (0..2).map(|i| visa_pan(7_400_000, i)).collect();
+    let mut tokens = Vec::new();
+    for pan in &pans {
+        let t = call(checkout.tokenize(TokenizeRequest {
+            pan: pan.clone(),
+            expiry: None,
+        }))
+        .await
+        .unwrap()
+        .token;
+        tokens.push(t);
+    }
+    drop(checkout);
+    let db_path = v.db_path();
+    let dir = v.stop().await;
+
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    db.execute(
+        "UPDATE tokens SET dek_id = 4242 WHERE token = ?1",
+        [token_bytes(&tokens[0])],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE tokens SET tenant = 'ACME!' WHERE token = ?1",
+        [token_bytes(&tokens[1])],
+    )
+    .unwrap();
+    drop(db);
+
+    let v = TestVault::start_in(dir).await;
+    let detokenize = |token: &str| DetokenizeRequest {
+        token: token.to_owned(),
+        purpose: "charge order 42".into(),
+    };
+    let mut payments = v.client(ACME_PAYMENTS).await;
+    let err = call(payments.detokenize(detokenize(&tokens[0])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+
+    for caller in [ACME_PAYMENTS, GLOBEX_PAYMENTS] {
+        let mut c = v.client(caller).await;
+        let err = call(c.detokenize(detokenize(&tokens[1])))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{caller}: {err:?}");
+    }
+    let mut admin = v.client(ADMIN).await;
+    let err = call(admin.get_token_metadata(GetTokenMetadataRequest {
+        token: tokens[1].clone(),
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    for pan in &pans {
+        assert!(!err.message().contains(&pan[6..12]), "{err:?}");
+    }
+    drop((payments, admin));
     v.stop().await;
 }

@@ -6,7 +6,7 @@
 //! use counts as spent, so a DEK can never exceed its limit however often the
 //! process dies (NIST SP 800-38D §8.3: at most 2^32 random-nonce encryptions).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -173,6 +173,10 @@ pub struct KeyRing {
     kek: RwLock<Arc<dyn Kek>>,
     by_id: RwLock<HashMap<u32, Arc<DataKey>>>,
     active: RwLock<HashMap<String, Arc<DataKey>>>,
+    /// Ids of keys known to be destroyed, so that a record naming a key
+    /// the ring never held (a tampered row) is told apart from one whose
+    /// key was destroyed on purpose.
+    destroyed: RwLock<HashSet<u32>>,
     use_limit: u64,
 }
 
@@ -194,6 +198,7 @@ impl KeyRing {
             kek: RwLock::new(kek),
             by_id: RwLock::default(),
             active: RwLock::default(),
+            destroyed: RwLock::default(),
             use_limit: use_limit.clamp(1, HARD_USE_LIMIT),
         }
     }
@@ -218,6 +223,7 @@ impl KeyRing {
     /// fails to unwrap is an error (wrong KEK or tampered row), never ignored.
     pub fn load(&self, w: &WrappedDek) -> Result<(), CryptoError> {
         if w.state == DekState::Destroyed {
+            write(&self.destroyed).insert(w.id);
             return Ok(());
         }
         let key = self.unwrap_stored(w)?;
@@ -273,6 +279,7 @@ impl KeyRing {
     /// Drops a destroyed key. The cipher's key schedule is wiped when the
     /// last in-flight user lets go of it.
     pub fn remove(&self, id: u32) {
+        write(&self.destroyed).insert(id);
         let removed = write(&self.by_id).remove(&id);
         if let Some(dk) = removed {
             dk.set_state(DekState::Destroyed);
@@ -294,6 +301,13 @@ impl KeyRing {
 
     pub fn get(&self, id: u32) -> Option<Arc<DataKey>> {
         read(&self.by_id).get(&id).cloned()
+    }
+
+    /// Whether the key `id` was destroyed (loaded as destroyed, or removed
+    /// since). A key the ring does not hold and that was not destroyed was
+    /// never the vault's.
+    pub fn was_destroyed(&self, id: u32) -> bool {
+        read(&self.destroyed).contains(&id)
     }
 }
 

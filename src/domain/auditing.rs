@@ -15,6 +15,7 @@ use super::access::{Action, Caller, TenantId, TenantScope};
 use super::audit::{AuditAction, AuditRecord, Checkpoint, Outcome};
 use super::data::contains_card_like_digits;
 use super::error::VaultError;
+use super::keys::shown_id;
 use super::store::{AuditFilter, StoreError};
 use super::vault::{Vault, now_ms, storage};
 use crate::audit::signer::{key_id, public_key_pem};
@@ -78,7 +79,10 @@ fn scoped_filter(mut filter: AuditFilter, scope: &TenantScope) -> Result<AuditFi
 /// The filter as its read's audit record describes it: checked fields only.
 fn describe(q: &AuditQuery) -> String {
     let f = &q.filter;
-    let mut d = format!("list after={} limit={}", q.after, q.limit);
+    // Every number here is caller input: one that could be a card number
+    // is withheld, and times are written as UTC dates, which cannot hold
+    // a card-length run of digits.
+    let mut d = format!("list after={} limit={}", shown_id(q.after), q.limit);
     let fields = [
         ("tenant", f.tenant.as_deref()),
         ("actor", f.actor.as_deref()),
@@ -94,12 +98,32 @@ fn describe(q: &AuditQuery) -> String {
         d.push_str(if k { " kind=key" } else { " kind=data" });
     }
     if let Some(t) = f.from_ms {
-        d.push_str(&format!(" from_ms={t}"));
+        d.push_str(&format!(" from={}", shown_time(t)));
     }
     if let Some(t) = f.to_ms {
-        d.push_str(&format!(" to_ms={t}"));
+        d.push_str(&format!(" to={}", shown_time(t)));
     }
     d
+}
+
+/// A caller-supplied time for an audit record: `2026-12-06T20:28:21.123Z`
+/// (its digit groups are parted by letters and `:`, so it cannot read as
+/// a card number), or, beyond the calendar, the raw number as [`shown_id`]
+/// shows it.
+fn shown_time(ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => format!("{}ms", shown_id(ms)),
+    }
 }
 
 /// When to sign a checkpoint.
@@ -335,7 +359,7 @@ impl Vault {
             self.audit_error(&e, ev).await?;
             return Err(e);
         }
-        ev.detail = Some(format!("export after={after}"));
+        ev.detail = Some(format!("export after={}", shown_id(after)));
         let own = self.store.append_audit(ev).await.map_err(storage)?;
         let signed = match self.checkpoint_now().await {
             Ok(Some(cp)) => Ok(Some(cp.seq)),
@@ -387,7 +411,11 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let mut ev = self.key_event(caller, AuditAction::AuditRead, "");
         ev.outcome = Outcome::failed(e.code());
-        ev.detail = Some(format!("export after={after}: {}", e.audit_detail()));
+        ev.detail = Some(format!(
+            "export after={}: {}",
+            shown_id(after),
+            e.audit_detail()
+        ));
         self.store.append_audit(ev).await.map_err(storage)?;
         Ok(())
     }
@@ -413,6 +441,32 @@ mod tests {
         };
         let d = describe(&q);
         assert!(d.ends_with(r#" actor="x tenant=globex kind=key""#), "{d}");
+    }
+
+    /// Numbers and times in a read's filter are caller input: one that
+    /// could be a card number never reaches the read's own record.
+    #[test]
+    fn numbers_in_a_read_record_never_hold_a_card_number() {
+        // Test cards, built at run time: no literal card number in src/.
+        let card16: u64 = format!("4{}", "1".repeat(15)).parse().unwrap();
+        let card13: i64 = format!("4{}", "2".repeat(12)).parse().unwrap();
+        assert!(contains_card_like_digits(&card16.to_string()));
+        assert!(contains_card_like_digits(&card13.to_string()));
+        let q = AuditQuery {
+            filter: AuditFilter {
+                from_ms: Some(i64::try_from(card16).unwrap()),
+                to_ms: Some(card13),
+                ..AuditFilter::default()
+            },
+            after: card16,
+            limit: 10,
+        };
+        let d = describe(&q);
+        assert!(!contains_card_like_digits(&d), "{d}");
+        assert!(d.starts_with("list after=(withheld) "), "{d}");
+        assert!(d.contains(" from=(withheld)ms"), "{d}");
+        // A 13-digit millisecond time is a date in 2103.
+        assert!(d.contains(" to=2103-"), "{d}");
     }
 
     async fn vault() -> (tempfile::TempDir, Arc<Vault>) {

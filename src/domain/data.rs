@@ -201,7 +201,14 @@ impl Vault {
             }
         })?;
         let dek = ring.get(rec.dek_id).ok_or_else(|| {
-            VaultError::FailedPrecondition("the data key for this token is destroyed".into())
+            if ring.was_destroyed(rec.dek_id) {
+                return VaultError::FailedPrecondition(
+                    "the data key for this token is destroyed".into(),
+                );
+            }
+            // Not a key this vault ever destroyed: the row was altered.
+            error!(token = %token, dek = rec.dek_id, "token row names a data key the vault never held");
+            VaultError::DataLoss
         })?;
         let plain = envelope::open(
             dek.cipher(),
@@ -376,9 +383,14 @@ impl Vault {
             .await
             .map_err(storage)?
             .ok_or(VaultError::NotFound)?;
-        let tenant = TenantId::parse(&rec.tenant).map_err(|_| VaultError::Internal)?;
-        if !caller.reaches(&tenant) {
+        // Scope first: another tenant's caller learns nothing of this row,
+        // damaged or not.
+        if !caller.reaches_name(&rec.tenant) {
             return Err(VaultError::NotFound);
+        }
+        if TenantId::parse(&rec.tenant).is_err() {
+            error!(token = %token, "token row holds a tenant name that is not valid");
+            return Err(VaultError::DataLoss);
         }
         Ok(rec)
     }
@@ -427,20 +439,70 @@ pub fn check_purpose(purpose: &str) -> Result<&str, VaultError> {
     Ok(p)
 }
 
-/// What may stand between the digit groups of a card number: ASCII white
-/// space or punctuation, except `:`, so that a time of day ("2024-06-01
-/// 01:00-03:00") does not join a date into a card-length run.
-fn is_group_separator(b: u8) -> bool {
-    b.is_ascii_whitespace() || (b.is_ascii_punctuation() && b != b':')
+/// What may stand between the digit groups of a card number: white space
+/// or punctuation, except `:`, so that a time of day ("2024-06-01
+/// 01:00-03:00") does not join a date into a card-length run. Beyond
+/// ASCII: any Unicode white space (no-break, thin, ideographic spaces),
+/// the General Punctuation block (dashes, bullets, zero-width joiners),
+/// Latin-1 punctuation, the minus sign, and CJK, small and full-width
+/// punctuation (their colons excepted): what text copied from documents
+/// and web pages puts between digit groups.
+fn is_group_separator(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_whitespace() || (c.is_ascii_punctuation() && c != ':');
+    }
+    c.is_whitespace()
+        || matches!(c,
+            '\u{00A1}'..='\u{00BF}'
+            | '\u{2000}'..='\u{206F}'
+            | '\u{2212}'
+            | '\u{3000}'..='\u{3003}'
+            | '\u{30FB}'
+            | '\u{FE50}'..='\u{FE54}'
+            | '\u{FE56}'..='\u{FE6B}'
+            | '\u{FF01}'..='\u{FF0F}'
+            | '\u{FF1B}'..='\u{FF20}'
+            | '\u{FF3B}'..='\u{FF40}'
+            | '\u{FF5B}'..='\u{FF65}')
+}
+
+/// Zeros of the Unicode decimal digit sets whose values are known here
+/// (each set is ten code points, zero to nine): Arabic-Indic, Extended
+/// Arabic-Indic, Devanagari, Bengali, Thai, Myanmar, full-width, and the
+/// mathematical digits.
+const DIGIT_ZEROS: &[u32] = &[
+    0x0660, 0x06F0, 0x0966, 0x09E6, 0x0E50, 0x1040, 0xFF10, 0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC,
+    0x1D7F6,
+];
+
+/// Marks a digit whose value is not known (any other numeric character):
+/// a run holding one is card-like at any card length, Luhn unchecked.
+const UNKNOWN_DIGIT: u8 = b'?';
+
+/// `c` as an ASCII digit, [`UNKNOWN_DIGIT`] for another numeric
+/// character, or `None` if it is no digit.
+fn digit(c: char) -> Option<u8> {
+    if c.is_ascii_digit() {
+        return u8::try_from(c).ok();
+    }
+    if c.is_ascii() || !c.is_numeric() {
+        return None;
+    }
+    let cp = u32::from(c);
+    let known = DIGIT_ZEROS
+        .iter()
+        .find(|&&zero| (zero..zero + 10).contains(&cp))
+        .and_then(|&zero| u8::try_from(cp - zero).ok());
+    Some(known.map_or(UNKNOWN_DIGIT, |d| b'0' + d))
 }
 
 /// True if `s` holds a card-number-like sequence: digit groups joined by
-/// separators (ASCII punctuation other than `:`, or whitespace:
-/// `4111.1111…`, `…/…`, `…_…` as well as spaces and hyphens), any consecutive span of which has
-/// 12–19 digits in all and passes Luhn ("refund 2 4111 1111 1111 1111" is
-/// caught by its last four groups, not hidden by the stray 2), or a single
-/// group of 20 or more digits. A letter or any non-ASCII character ends a
-/// run.
+/// separators ([`is_group_separator`]: `4111.1111…`, `…/…`, `…_…` as well
+/// as spaces and hyphens), any consecutive span of which has 12–19 digits
+/// in all and passes Luhn ("refund 2 4111 1111 1111 1111" is caught by its
+/// last four groups, not hidden by the stray 2), or a single group of 20
+/// or more digits. Digits of other scripts count as digits ([`digit`]). A
+/// letter or any other character ends a run.
 pub(crate) fn contains_card_like_digits(s: &str) -> bool {
     // Digits of the current run, and where each group in it ends. The
     // buffer is sized for the whole input up front: growing it would move
@@ -449,30 +511,28 @@ pub(crate) fn contains_card_like_digits(s: &str) -> bool {
     let mut ends: Vec<usize> = Vec::new();
     let mut in_group = false;
     // A trailing letter closes the last run.
-    for b in s.bytes().chain(std::iter::once(b'x')) {
-        match b {
-            b'0'..=b'9' => {
-                digits.push(b);
-                in_group = true;
-            }
-            b if is_group_separator(b) && !digits.is_empty() => {
-                if in_group {
-                    ends.push(digits.len());
-                    in_group = false;
-                }
-            }
-            _ => {
-                if in_group {
-                    ends.push(digits.len());
-                    in_group = false;
-                }
-                if run_has_card(&digits, &ends) {
-                    return true;
-                }
-                digits.clear();
-                ends.clear();
-            }
+    for c in s.chars().chain(std::iter::once('x')) {
+        if let Some(d) = digit(c) {
+            digits.push(d);
+            in_group = true;
+            continue;
         }
+        if is_group_separator(c) && !digits.is_empty() {
+            if in_group {
+                ends.push(digits.len());
+                in_group = false;
+            }
+            continue;
+        }
+        if in_group {
+            ends.push(digits.len());
+            in_group = false;
+        }
+        if run_has_card(&digits, &ends) {
+            return true;
+        }
+        digits.clear();
+        ends.clear();
     }
     false
 }
@@ -489,7 +549,8 @@ fn run_has_card(digits: &[u8], ends: &[usize]) -> bool {
             if n > 19 {
                 break;
             }
-            if n >= 12 && luhn_valid(&digits[start..*end]) {
+            let span = &digits[start..*end];
+            if n >= 12 && (span.contains(&UNKNOWN_DIGIT) || luhn_valid(span)) {
                 return true;
             }
         }
@@ -575,6 +636,48 @@ mod tests {
                 assert!(check_purpose(&text).is_ok(), "{text:?}");
             }
         }
+    }
+
+    /// Text copied from documents and web pages: Unicode spaces, dashes
+    /// and joiners between the groups, or the digits of other scripts,
+    /// must not hide a card number.
+    #[test]
+    fn card_numbers_are_found_in_unicode_spacing_and_digits() {
+        let card = luhn_completed(&format!("4{}", "1".repeat(14)));
+        for sep in [
+            "\u{00A0}", "\u{2009}", "\u{202F}", "\u{3000}", "\u{2013}", "\u{2014}", "\u{2212}",
+            "\u{2022}", "\u{00B7}", "\u{200D}", "\u{FF0D}", "\u{FF0E}", "\u{FE63}",
+        ] {
+            let text = format!("refund {} now", grouped(&card, sep));
+            assert!(contains_card_like_digits(&text), "{text:?}");
+        }
+        // The same digits in other scripts, whose values are known: Luhn
+        // decides, as for ASCII.
+        for zero in [0xFF10_u32, 0x0660, 0x06F0, 0x0966, 0x1D7CE] {
+            let shift = |s: &str| -> String {
+                s.chars()
+                    .map(|c| match c.to_digit(10) {
+                        Some(d) => char::from_u32(zero + d).unwrap(),
+                        None => c,
+                    })
+                    .collect()
+            };
+            let text = format!("refund {}", shift(&grouped(&card, " ")));
+            assert!(contains_card_like_digits(&text), "{text:?}");
+            let not_luhn = format!("order {}", shift("4111111111111112"));
+            assert!(!contains_card_like_digits(&not_luhn), "{not_luhn:?}");
+        }
+        // Digits of a script whose values are not known here (Tamil):
+        // any card-length run is taken for a card number.
+        let tamil: String = (0..16)
+            .map(|i| char::from_u32(0x0BE6 + (i % 10)).unwrap())
+            .collect();
+        assert!(contains_card_like_digits(&format!("ref {tamil}")));
+        assert!(!contains_card_like_digits("ref \u{0BE7}\u{0BE8} ok"));
+        // A full-width colon ends a run, like the ASCII one.
+        assert!(!contains_card_like_digits(
+            "window 2024-06-01 01\u{FF1A}00-03\u{FF1A}00"
+        ));
     }
 
     #[test]

@@ -111,10 +111,11 @@ pub(crate) fn tenant_note(tenant: &str) -> Option<String> {
     TenantId::parse(tenant).ok().map(|t| t.as_str().to_owned())
 }
 
-/// A caller-supplied id for an audit record. Ids the vault issued are
-/// recorded as they are; one that names nothing is caller input, and a
-/// 12–19 digit number may be a card number, so such a one is withheld.
-pub(crate) fn shown_id(id: u64) -> String {
+/// A caller-supplied id or number for an audit record. Ids the vault
+/// issued are recorded as they are; one that names nothing is caller input,
+/// and a 12–19 digit number may be a card number, so such a one is
+/// withheld.
+pub(crate) fn shown_id(id: impl std::fmt::Display) -> String {
     let s = id.to_string();
     if contains_card_like_digits(&s) {
         "(withheld)".to_owned()
