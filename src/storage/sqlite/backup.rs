@@ -232,6 +232,25 @@ fn carry_forward(
             [],
         )
         .map_err(unavailable)?;
+    // A card re-encrypted since the backup, whose backup-time key was then
+    // destroyed, would come back under that destroyed key: unreadable. Its
+    // new key is not in the backup to carry, so the restore is refused.
+    let stranded: i64 = c
+        .query_row(
+            "SELECT count(*) FROM main.tokens m JOIN cur.tokens t ON t.token = m.token
+             WHERE t.dek_id != m.dek_id
+               AND m.dek_id IN (SELECT id FROM main.deks WHERE state = 'destroyed')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    if stranded > 0 {
+        return Err(StoreError::Precondition(format!(
+            "{stranded} card(s) in the backup were re-encrypted since under a newer key, and \
+             the key the backup holds them under was destroyed: restored, they could never be \
+             read; restore from a backup taken after the re-encryption"
+        )));
+    }
     let tokens = c
         .execute(
             "DELETE FROM main.tokens
@@ -552,6 +571,44 @@ mod tests {
             "the database was touched"
         );
         assert!(!with_suffix(&b, ".restoring").exists());
+    }
+
+    /// A card re-encrypted after the backup and whose old key was then
+    /// destroyed would come back unreadable: such a restore is refused,
+    /// and the database is left as it was.
+    #[tokio::test]
+    async fn a_restore_that_would_strand_re_encrypted_cards_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = vault_db(dir.path(), "v.db").await;
+        let out = dir.path().join("b.db");
+        backup(&db, &out).unwrap();
+        let store = open(&db);
+        let ev = event(AuditAction::DekRotate, None);
+        store
+            .rotate_dek(&dek(3, "acme", 2), Some(1), ev)
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+        // Both acme cards re-encrypted under key 3 (as a job would), then
+        // key 1 destroyed.
+        Connection::open(&db)
+            .unwrap()
+            .execute("UPDATE tokens SET dek_id = 3 WHERE dek_id = 1", [])
+            .unwrap();
+        let store = open(&db);
+        let ev = event(AuditAction::DekDestroy, None);
+        store.destroy_dek(1, ev).await.unwrap();
+        store.close().await.unwrap();
+
+        let before = std::fs::read(&db).unwrap();
+        let e = restore(&out, &db, true).unwrap_err().to_string();
+        assert!(e.contains("2 card(s)") && e.contains("re-encrypted"), "{e}");
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            before,
+            "the database was touched"
+        );
+        assert!(!with_suffix(&db, ".restoring").exists());
     }
 
     #[test]
