@@ -80,8 +80,6 @@ pub struct SqliteStore {
     cache: Arc<TokenCache>,
     /// Batches the writer has committed (see `WriterState::commits`).
     commits: Arc<AtomicU64>,
-    /// The exclusive lock on `<db>.lock`, held until `close` (or drop).
-    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -206,7 +204,14 @@ impl SqliteStore {
         let writer_commits = commits.clone();
         let handle = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch, state, &writer_cache, &writer_commits))
+            .spawn(move || {
+                writer::run(conn, rx, max_batch, state, &writer_cache, &writer_commits);
+                // The exclusive lock on `<db>.lock` lives exactly as long as
+                // the writer, not the store: a store dropped without `close`
+                // leaves its writer finishing queued jobs, and no other
+                // writer may open the database until it has.
+                drop(lock);
+            })
             .map_err(unavailable)?;
         Ok(Self {
             path: path.to_owned(),
@@ -216,7 +221,6 @@ impl SqliteStore {
             next_reader: AtomicUsize::new(0),
             cache,
             commits,
-            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -823,13 +827,8 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         }
-        // The writer is gone: another process may now open the database.
-        drop(
-            self.lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
+        // The writer is gone, and its lock with it: another process may
+        // now open the database.
         debug!(path = %self.path.display(), "sqlite store closed");
         Ok(())
     }
@@ -895,6 +894,41 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         s.close().await.expect("close");
+    }
+
+    /// The lock lives as long as the writer: a store dropped without
+    /// `close` cannot be reopened while its writer may still commit, and
+    /// the next writer continues the log where it ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_dropped_without_close_keeps_its_lock_until_its_writer_ends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v.db");
+        let s = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+        s.append_audit(event(AuditAction::Detokenize, None))
+            .await
+            .expect("write");
+        drop(s);
+        // The writer ends once its queue is drained and closed; only then
+        // may another open, and it continues the log where it ended.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let again = loop {
+            match SqliteStore::open(&path, SqliteOptions::default()) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("in use"), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("never reopened: {e}"),
+            }
+        };
+        again
+            .append_audit(event(AuditAction::Detokenize, None))
+            .await
+            .expect("the log continues");
+        again.close().await.expect("close");
+        let (entries, _, _) = read_audit_offline(&path).expect("read");
+        let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2]);
     }
 
     /// Two processes writing one database would each keep their own audit
