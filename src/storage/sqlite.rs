@@ -517,7 +517,8 @@ impl Store for SqliteStore {
         // Read before the scan starts, so the scan's snapshot includes at
         // least every commit up to `since`.
         let since = self.commits.load(Ordering::Acquire);
-        if state.as_deref() == Some(DekState::DecryptOnly.as_str()) {
+        let scanned = state.as_deref() == Some(DekState::DecryptOnly.as_str());
+        if scanned {
             let refs = self
                 .count_tokens(Some(id))
                 .await?
@@ -530,7 +531,7 @@ impl Store for SqliteStore {
                 )));
             }
         }
-        self.write(Op::DestroyDek(id, since, audit))
+        self.write(Op::DestroyDek(id, scanned.then_some(since), audit))
             .await
             .map(|_| ())
     }
@@ -983,6 +984,51 @@ mod tests {
         assert!(!elsewhere.exists(), "the symlink was followed");
     }
 
+    /// A destroy that found the key active (so ran no reference scan) must
+    /// not go through if the key was retired before the writer got to it:
+    /// it may hold tokens no one counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destroy_whose_key_was_retired_unscanned_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s =
+            SqliteStore::open(&dir.path().join("v.db"), SqliteOptions::default()).expect("open");
+        s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
+            .await
+            .expect("dek");
+        s.insert_token(
+            record(token(1), "acme"),
+            event(AuditAction::Tokenize, Some(token(1))),
+        )
+        .await
+        .expect("token");
+        // The adapter looked while key 1 was active; then it was retired.
+        s.rotate_dek(
+            &dek(2, "acme", 2),
+            Some(1),
+            event(AuditAction::DekRotate, None),
+        )
+        .await
+        .expect("rotate");
+        let refused = s
+            .write(Op::DestroyDek(
+                1,
+                None,
+                event(AuditAction::DekDestroy, None),
+            ))
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Precondition(m)) if m.contains("changed state")),
+            "{refused:?}"
+        );
+        // Through the trait, the scan now runs and counts the token.
+        let e = s
+            .destroy_dek(1, event(AuditAction::DekDestroy, None))
+            .await
+            .expect_err("a key with a token was destroyed");
+        assert!(e.to_string().contains("1 tokens still reference"), "{e}");
+        s.close().await.expect("close");
+    }
+
     /// The reference scan behind a destroy runs outside the writer. A token
     /// put under the key after the scan's snapshot (a tokenize that picked
     /// the key just before it was retired) must make the writer refuse the
@@ -1016,7 +1062,7 @@ mod tests {
         let refused = s
             .write(Op::DestroyDek(
                 1,
-                since,
+                Some(since),
                 event(AuditAction::DekDestroy, None),
             ))
             .await;

@@ -265,7 +265,7 @@ fn delete_token<'a>(
 fn destroy_dek<'a>(
     tx: &'a Connection,
     id: u32,
-    since: u64,
+    since: Option<u64>,
     audit: &AuditEvent,
     ctx: &mut BatchCtx<'a>,
 ) -> Result<Done, OpError> {
@@ -285,6 +285,14 @@ fn destroy_dek<'a>(
         "destroyed" => return Err(rejected(format!("data key {id} is already destroyed"))),
         _ => {}
     }
+    // A key that was not decrypt-only when the adapter looked was never
+    // scanned for references: it was retired meanwhile, and may hold
+    // tokens.
+    let Some(since) = since else {
+        return Err(rejected(format!(
+            "data key {id} changed state while it was being checked; retry"
+        )));
+    };
     if ctx.added_since(id, since) {
         return Err(rejected(format!(
             "tokens were put under data key {id} while it was being checked; retry"

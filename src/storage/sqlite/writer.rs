@@ -36,8 +36,9 @@ pub enum Op {
     Audit(AuditEvent),
     RotateDek(Box<WrappedDek>, Option<u32>, AuditEvent),
     /// Destroy a data key that a scan, begun after commit number `.1`,
-    /// found unreferenced (see `destroy_dek` in ops.rs).
-    DestroyDek(u32, u64, AuditEvent),
+    /// found unreferenced (see `destroy_dek` in ops.rs); `None` when no
+    /// scan ran because the key was not decrypt-only when looked at.
+    DestroyDek(u32, Option<u64>, AuditEvent),
     ShredTenant(String, AuditEvent),
     /// After a restore from backup: retire every active data key and
     /// clear the restore marker (see `backup.rs`).
