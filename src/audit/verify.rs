@@ -99,8 +99,13 @@ pub struct Options {
     /// log that was re-signed or had its later checkpoints removed.
     pub expect: Vec<(u64, Hash)>,
     /// Accept a log no signed checkpoint covers (integrity then rests on
-    /// internal consistency alone).
+    /// internal consistency alone). Implies `allow_unsigned_tail`.
     pub allow_unsigned: bool,
+    /// Accept entries after the last signed checkpoint (or pin) on internal
+    /// consistency alone, as a live database's newest entries are. An
+    /// export ends on a checkpoint, so by default a tail nothing signed
+    /// fails: whoever strips the last checkpoint could have rewritten it.
+    pub allow_unsigned_tail: bool,
 }
 
 /// Parses `SEQ:HEXHEAD`, as printed by `vault audit checkpoint`.
@@ -108,10 +113,14 @@ pub fn parse_point(s: &str) -> Result<(u64, Hash), String> {
     let (seq, head) = s
         .split_once(':')
         .ok_or_else(|| format!("{s:?} is not SEQ:HEAD"))?;
+    // Audit sequence numbers are SQLite integers: at most i64::MAX, which
+    // also keeps every sum the verifier makes from them in range.
     let seq = seq
         .trim()
         .parse::<u64>()
-        .map_err(|_| format!("{s:?}: bad sequence number"))?;
+        .ok()
+        .filter(|n| i64::try_from(*n).is_ok())
+        .ok_or_else(|| format!("{s:?}: bad sequence number"))?;
     let head =
         hash_from_hex(head.trim()).ok_or_else(|| format!("{s:?}: head is not 64 hex digits"))?;
     Ok((seq, head))
@@ -141,7 +150,7 @@ impl<'a> Verifier<'a> {
     }
 
     fn last_seq(&self) -> u64 {
-        self.base + (self.heads.len() - 1) as u64
+        self.base.saturating_add((self.heads.len() - 1) as u64)
     }
 
     fn head_at(&self, seq: u64) -> Option<&Hash> {
@@ -197,8 +206,10 @@ impl<'a> Verifier<'a> {
         let mut problems = Vec::new();
         let mut cps = std::mem::take(&mut self.checkpoints);
         cps.sort_by_key(|(c, _)| c.seq);
-        let last = self.base + entries;
+        let last = self.base.saturating_add(entries);
         let mut prev_cp = self.base;
+        // The highest sequence number a pinned checkpoint vouches for.
+        let mut pinned_to = None;
         for (seq, head) in &self.opts.expect {
             match self.head_at(*seq) {
                 _ if *seq > last => problems.push(Problem {
@@ -208,7 +219,7 @@ impl<'a> Verifier<'a> {
                         "log truncated: it ends at seq {last}, before the pinned checkpoint at seq {seq}"
                     ),
                 }),
-                Some(h) if h == head => {}
+                Some(h) if h == head => pinned_to = pinned_to.max(Some(*seq)),
                 Some(_) => problems.push(Problem {
                     seq: Some(*seq),
                     line: None,
@@ -265,16 +276,32 @@ impl<'a> Verifier<'a> {
             prev_cp = c.seq;
             covered_to = Some(c.seq);
         }
+        // An empty log is no exception: deleting every line must not
+        // verify.
         if covered_to.is_none()
             && self.opts.expect.is_empty()
             && !self.opts.allow_unsigned
-            && entries > 0
             && problems.is_empty()
         {
             problems.push(Problem {
                 seq: None,
                 line: None,
                 what: "no signed checkpoint covers this log, so its integrity cannot be established (pass --allow-unsigned to accept internal consistency alone)".into(),
+            });
+        }
+        let trusted_to = covered_to.max(pinned_to).unwrap_or(self.base);
+        if trusted_to < last
+            && (covered_to.is_some() || pinned_to.is_some())
+            && !self.opts.allow_unsigned
+            && !self.opts.allow_unsigned_tail
+            && problems.is_empty()
+        {
+            problems.push(Problem {
+                seq: Some(trusted_to + 1),
+                line: None,
+                what: format!(
+                    "entries after seq {trusted_to} are not covered by a signed checkpoint: they may have been altered or added, with the checkpoint after them removed (an export ends on a checkpoint; pass --allow-unsigned-tail to accept them on internal consistency alone)"
+                ),
             });
         }
         problems.sort_by_key(|p| p.seq.unwrap_or(u64::MAX));
@@ -441,6 +468,19 @@ mod tests {
             .collect()
     }
 
+    /// `recs` with every entry hash and chain link recomputed, as a forger
+    /// with the algorithm but not the signing key would.
+    fn log_from(recs: &[AuditRecord]) -> Vec<AuditRecord> {
+        recs.iter()
+            .zip(chain_of(recs))
+            .map(|(r, (eh, ch))| AuditRecord {
+                entry_hash: Some(eh),
+                chain_hash: Some(ch),
+                ..r.clone()
+            })
+            .collect()
+    }
+
     fn sign(s: &AuditSigner, r: &AuditRecord) -> Checkpoint {
         let head = r.chain_hash.unwrap();
         Checkpoint {
@@ -456,11 +496,10 @@ mod tests {
     fn signed_log_verifies_and_unsigned_needs_consent() {
         let s = AuditSigner::generate().unwrap();
         let recs = log(10, "a");
-        let cp = sign(&s, &recs[7]);
+        let cp = sign(&s, &recs[9]);
         let v = verify_records(&recs, &[cp], s.public());
         assert!(v.ok(), "{}", v.summary());
-        assert_eq!(v.covered_to, Some(8));
-        assert!(v.summary().contains("2 newer entries"), "{}", v.summary());
+        assert_eq!(v.covered_to, Some(10));
 
         let v = verify_records(&recs, &[], s.public());
         assert!(!v.ok());
@@ -474,6 +513,65 @@ mod tests {
             ..Options::default()
         };
         assert!(verify_records_with(&recs, &[], s.public(), &lenient).ok());
+    }
+
+    /// Deleting every line of a log must not verify.
+    #[test]
+    fn an_empty_log_does_not_verify() {
+        let s = AuditSigner::generate().unwrap();
+        let v = verify_records(&[], &[], s.public());
+        assert!(!v.ok(), "{}", v.summary());
+        assert!(
+            v.summary().contains("no signed checkpoint"),
+            "{}",
+            v.summary()
+        );
+        let header = r#"{"type":"header","format":"tokenvault-audit-export","version":1,"exported_ms":0,"public_key_id":null}"#;
+        for text in ["", header] {
+            let v = verify_export(text.as_bytes(), s.public());
+            assert!(!v.ok(), "{text:?}: {}", v.summary());
+        }
+        let recs = log(4, "a");
+        let anchored = Options {
+            anchor: Some((4, recs[3].chain_hash.unwrap())),
+            ..Options::default()
+        };
+        assert!(!verify_records_with(&[], &[], s.public(), &anchored).ok());
+    }
+
+    /// Entries after the last checkpoint could have been rewritten by
+    /// whoever removed the checkpoint after them: by default they fail;
+    /// with consent (a live database's newest entries) they are reported.
+    #[test]
+    fn an_unsigned_tail_fails_unless_allowed() {
+        let s = AuditSigner::generate().unwrap();
+        let mut recs = log(10, "a");
+        let cp = sign(&s, &recs[7]);
+        // The tail rewritten and rehashed, as a forger without the signing
+        // key would: its own hashes are consistent.
+        recs[9].actor = "mallory".into();
+        let forged_tail = log_from(&recs);
+        let v = verify_records(&forged_tail, std::slice::from_ref(&cp), s.public());
+        assert!(!v.ok(), "{}", v.summary());
+        assert_eq!(v.problem.as_ref().unwrap().seq, Some(9));
+        assert!(
+            v.summary().contains("not covered by a signed checkpoint"),
+            "{}",
+            v.summary()
+        );
+        let lenient = Options {
+            allow_unsigned_tail: true,
+            ..Options::default()
+        };
+        let v = verify_records_with(&forged_tail, &[cp], s.public(), &lenient);
+        assert!(v.ok(), "{}", v.summary());
+        assert!(v.summary().contains("2 newer entries"), "{}", v.summary());
+        // A pin at the end covers the tail as a checkpoint would.
+        let pinned = Options {
+            expect: vec![(10, forged_tail[9].chain_hash.unwrap())],
+            ..Options::default()
+        };
+        assert!(verify_records_with(&forged_tail, &[], s.public(), &pinned).ok());
     }
 
     #[test]
@@ -519,6 +617,11 @@ mod tests {
         // A checkpoint short of the end: the unsigned tail is reported,
         // counted from the anchor's numbering.
         let early = sign(&s, &recs[6]);
+        assert!(!verify_records_with(tail, std::slice::from_ref(&early), s.public(), &opts).ok());
+        let opts = Options {
+            allow_unsigned_tail: true,
+            ..opts
+        };
         let v = verify_records_with(tail, &[early], s.public(), &opts);
         assert!(v.ok(), "{}", v.summary());
         assert!(
@@ -540,6 +643,7 @@ mod tests {
         let h = hex::encode([1u8; 32]);
         assert_eq!(parse_point(&format!("12:{h}")).unwrap(), (12, [1u8; 32]));
         assert!(parse_point("12").is_err());
+        assert!(parse_point(&format!("18446744073709551615:{h}")).is_err());
         assert!(parse_point("x:00").is_err());
         assert!(parse_point(&format!("12:{}", &h[..10])).is_err());
     }

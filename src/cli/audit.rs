@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use tokenvault::audit::export::{self, Line};
 use tokenvault::audit::signer::{parse_public_key_pem, public_key_pem};
-use tokenvault::audit::verify::{
-    Options, parse_point, verify_export, verify_export_with, verify_records_with,
-};
+use tokenvault::audit::verify::{Options, parse_point, verify_export_with, verify_records_with};
 use tokenvault::proto;
 use tokenvault::proto::audit_service_client::AuditServiceClient;
 
@@ -96,6 +94,8 @@ pub enum AuditCmd {
         /// Data-key crypto-period to flag keys against.
         #[arg(long, default_value_t = 90)]
         crypto_period_days: u64,
+        #[command(flatten)]
+        trust: Trust,
     },
 }
 
@@ -113,6 +113,11 @@ pub struct Trust {
     /// Accept a log that no signed checkpoint covers.
     #[arg(long)]
     allow_unsigned: bool,
+    /// Accept entries after the last signed checkpoint on internal
+    /// consistency alone (an export ends on a checkpoint; a database's
+    /// newest entries, checked by verify-db, always may).
+    #[arg(long)]
+    allow_unsigned_tail: bool,
 }
 
 impl Trust {
@@ -125,6 +130,7 @@ impl Trust {
                 .map(|p| parse_point(p))
                 .collect::<Result<_, _>>()?,
             allow_unsigned: self.allow_unsigned,
+            allow_unsigned_tail: self.allow_unsigned_tail,
         })
     }
 }
@@ -198,7 +204,11 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
             trust,
         } => {
             let pk = read_public_key(&public_key)?;
-            let opts = trust.options()?;
+            // A live database's newest entries await their checkpoint.
+            let opts = Options {
+                allow_unsigned_tail: true,
+                ..trust.options()?
+            };
             let (entries, cps, _) =
                 tokenvault::storage::sqlite::read_audit_offline(&db).map_err(|e| e.to_string())?;
             let verdict = verify_records_with(&entries, &cps, &pk, &opts);
@@ -311,19 +321,20 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
             html,
             md,
             crypto_period_days,
+            trust,
         } => report(
             &input,
             public_key.as_deref(),
-            html.as_deref(),
-            md.as_deref(),
+            (html.as_deref(), md.as_deref()),
             crypto_period_days,
+            &trust.options()?,
         ),
     }
 }
 
 /// Reads an export into records and checkpoints.
 fn read_export(
-    path: &Path,
+    text: &[u8],
 ) -> Result<
     (
         Vec<tokenvault::domain::AuditRecord>,
@@ -331,10 +342,9 @@ fn read_export(
     ),
     String,
 > {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut entries = Vec::new();
     let mut cps = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
+    for (i, line) in text.lines().enumerate() {
         let line = line.map_err(|e| e.to_string())?;
         if line.trim().is_empty() {
             continue;
@@ -350,23 +360,26 @@ fn read_export(
     Ok((entries, cps))
 }
 
+/// Renders the report. The export is read once, and the report and its
+/// verdict are both made from that one copy, so the verdict shown is the
+/// verdict of what is shown.
 fn report(
     input: &Path,
     public_key: Option<&Path>,
-    html: Option<&Path>,
-    md: Option<&Path>,
+    (html, md): (Option<&Path>, Option<&Path>),
     crypto_period_days: u64,
+    trust: &Options,
 ) -> Result<(), String> {
     use tokenvault::audit::report::{ReportInput, build, render_html, render_markdown};
     if html.is_none() && md.is_none() {
         return Err("name an output: --html FILE and/or --md FILE".into());
     }
-    let (entries, cps) = read_export(input)?;
+    let text = std::fs::read(input).map_err(|e| format!("{}: {e}", input.display()))?;
+    let (entries, cps) = read_export(&text)?;
     let verdict = match public_key {
         Some(pk) => {
             let pk = read_public_key(pk)?;
-            let f = std::fs::File::open(input).map_err(|e| e.to_string())?;
-            Some(verify_export(BufReader::new(f), &pk))
+            Some(verify_export_with(text.as_slice(), &pk, trust))
         }
         None => None,
     };
