@@ -954,6 +954,50 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
 // ---------------------------------------------------------------------------
 // 7. Split knowledge: sealed start, unseal by distinct custodians, seal.
 
+/// A share whose submission cannot be put on record is withdrawn: it never
+/// counts toward the threshold, so no unseal rests on an unrecorded share.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_share_whose_audit_record_cannot_be_written_never_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    tokenvault::devpki::ensure_dev_dir(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    set_kek_config(dir.path(), SHAMIR_2_OF_3);
+    for f in ["vault.db", "vault.db-wal", "vault.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let key = KeyBytes::generate().unwrap();
+    let kek_id = LocalKek::from_key(&key).id().to_owned();
+    let texts: Vec<String> = split(&key, &kek_id, 2, 3)
+        .unwrap()
+        .iter()
+        .map(|s| s.to_text().to_string())
+        .collect();
+    let v = TestVault::start_in(dir).await;
+    let mut c1 = v.keys(CUSTODIANS[0]).await;
+    let mut c2 = v.keys(CUSTODIANS[1]).await;
+
+    let db = rusqlite::Connection::open(v.db_path()).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_share BEFORE INSERT ON audit \
+         WHEN NEW.action = 'unseal_share' \
+         BEGIN SELECT RAISE(ABORT, 'audit refused'); END;",
+    )
+    .unwrap();
+    assert_code(
+        unseal(&mut c1, &texts[0]).await,
+        Code::Unavailable,
+        "a share submitted with no audit record",
+    );
+    db.execute_batch("DROP TRIGGER refuse_share;").unwrap();
+    drop(db);
+    let st = unseal(&mut c2, &texts[1]).await.unwrap();
+    assert!(st.sealed, "the unrecorded share counted");
+    assert_eq!(st.submitted, 1, "{st:?}");
+    let st = unseal(&mut c1, &texts[0]).await.unwrap();
+    assert!(!st.sealed, "{st:?}");
+    drop((c1, c2));
+    v.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
     let dir = tempfile::tempdir().unwrap();

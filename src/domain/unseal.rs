@@ -18,7 +18,23 @@ use crate::crypto::shamir::{Share, combine};
 /// Shares submitted so far, at most one per custodian identity.
 #[derive(Default)]
 pub struct UnsealState {
-    shares: Vec<(String, Share)>,
+    shares: Vec<Submitted>,
+}
+
+/// One custodian's share. It counts toward the threshold only once its
+/// submission is on record (`audited`): a share whose audit record could
+/// not be written is withdrawn, and no other custodian's submission can
+/// combine it meanwhile.
+struct Submitted {
+    custodian: String,
+    share: Share,
+    audited: bool,
+}
+
+impl UnsealState {
+    fn counted(&self) -> impl Iterator<Item = &Share> {
+        self.shares.iter().filter(|s| s.audited).map(|s| &s.share)
+    }
 }
 
 impl std::fmt::Debug for UnsealState {
@@ -77,9 +93,9 @@ impl Vault {
             (
                 self.settings
                     .unseal_threshold
-                    .or_else(|| st.shares.first().map(|(_, s)| s.threshold()))
+                    .or_else(|| st.counted().next().map(Share::threshold))
                     .unwrap_or(0),
-                u8::try_from(st.shares.len()).unwrap_or(u8::MAX),
+                u8::try_from(st.counted().count()).unwrap_or(u8::MAX),
             )
         };
         let kek_id = match self.ring() {
@@ -154,9 +170,9 @@ impl Vault {
                 "share belongs to a different KEK than the one this vault is pinned to".into(),
             ));
         }
-        let ready = {
+        {
             let mut st = self.unseal_state();
-            if let Some((_, first)) = st.shares.first()
+            if let Some(first) = st.shares.first().map(|s| &s.share)
                 && (first.kek_id() != share.kek_id() || first.set_id() != share.set_id())
             {
                 return Err(VaultError::InvalidArgument(
@@ -164,17 +180,29 @@ impl Vault {
                 ));
             }
             // One share per custodian: a second submission replaces the first.
-            st.shares.retain(|(who, _)| who != &caller.identity);
-            st.shares.push((caller.identity.clone(), share.clone()));
-            let distinct: std::collections::HashSet<u8> =
-                st.shares.iter().map(|(_, s)| s.index()).collect();
-            (distinct.len() >= usize::from(share.threshold()))
-                .then(|| st.shares.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>())
+            st.shares.retain(|s| s.custodian != caller.identity);
+            st.shares.push(Submitted {
+                custodian: caller.identity.clone(),
+                share: share.clone(),
+                audited: false,
+            });
+        }
+        // Audit first: the share counts only once its submission is on
+        // record, and is withdrawn if that record cannot be written.
+        let recorded = self.store.append_audit(ev.clone()).await;
+        let ready = {
+            let mut st = self.unseal_state();
+            let mine = |s: &Submitted| s.custodian == caller.identity && !s.audited;
+            if recorded.is_err() {
+                st.shares.retain(|s| !mine(s));
+            } else if let Some(s) = st.shares.iter_mut().find(|s| mine(s)) {
+                s.audited = true;
+            }
+            let distinct: std::collections::HashSet<u8> = st.counted().map(Share::index).collect();
+            (recorded.is_ok() && distinct.len() >= usize::from(share.threshold()))
+                .then(|| st.counted().cloned().collect::<Vec<_>>())
         };
-        self.store
-            .append_audit(ev.clone())
-            .await
-            .map_err(super::vault::storage)?;
+        recorded.map_err(super::vault::storage)?;
         if let Some(shares) = ready {
             let rebuilt = combine(&shares);
             self.unseal_state().shares.clear();
