@@ -60,6 +60,10 @@ pub enum Use {
     NeedReservation,
     /// The hard limit is reached: this key must never encrypt again.
     Exhausted,
+    /// The key is no longer active (retired, destroyed, or its ring was
+    /// dropped by a seal): it may decrypt, never encrypt. Fetch the
+    /// tenant's active key again.
+    Retired,
 }
 
 fn state_code(s: DekState) -> u8 {
@@ -114,10 +118,15 @@ impl DataKey {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Takes one encryption from the reservation.
+    /// Takes one encryption from the reservation, if the key may still
+    /// encrypt. Checked on every attempt, so a call that waited for a
+    /// reservation while its key was retired does not encrypt under it.
     pub fn take_use(&self) -> Use {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
+            if self.state() != DekState::Active {
+                return Use::Retired;
+            }
             if cur >= self.limit {
                 return Use::Exhausted;
             }
@@ -287,6 +296,18 @@ impl KeyRing {
         }
     }
 
+    /// Makes every key of this ring decrypt-only, as the ring is dropped at
+    /// a seal: calls still holding one of its keys cannot take uses that
+    /// the next unseal's fresh key objects would count again.
+    pub fn stop_encrypting(&self) {
+        for dk in read(&self.by_id).values() {
+            if dk.state() == DekState::Active {
+                dk.set_state(DekState::DecryptOnly);
+            }
+        }
+        write(&self.active).clear();
+    }
+
     /// Removes `dk` from the active map if it is its tenant's active key.
     fn deactivate(&self, dk: &DataKey) {
         let mut m = write(&self.active);
@@ -344,6 +365,29 @@ mod tests {
         assert_eq!(dk.reserved(), HARD_USE_LIMIT);
         assert_eq!(dk.take_use(), Use::Granted);
         assert_eq!(dk.take_use(), Use::Exhausted);
+    }
+
+    /// A key held by a call in flight stops encrypting the moment it is
+    /// retired, or its ring is dropped at a seal, even with uses reserved.
+    #[test]
+    fn a_retired_or_sealed_away_key_grants_no_use() {
+        let r = ring();
+        for (id, tenant) in [(1, "acme"), (2, "globex")] {
+            let (dk, _) = r.generate(tenant, id, 1, 0).unwrap();
+            dk.set_reserved(dk.next_reservation(100));
+            r.install(dk);
+        }
+        let acme = r.active_for("acme").unwrap();
+        let globex = r.active_for("globex").unwrap();
+        assert_eq!(acme.take_use(), Use::Granted);
+        r.retire(1);
+        assert_eq!(acme.take_use(), Use::Retired);
+        assert_eq!(globex.take_use(), Use::Granted);
+        r.stop_encrypting();
+        assert_eq!(globex.take_use(), Use::Retired);
+        assert!(r.active_for("globex").is_none());
+        // Decryption is untouched.
+        assert!(r.get(2).is_some());
     }
 
     #[test]

@@ -111,8 +111,7 @@ impl Vault {
         })?;
         let pan = Pan::parse(pan).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
         let expiry = expiry.map(|(m, y)| Expiry::new(m, y)).transpose()?;
-        let dek = self.active_dek(tenant).await?;
-        self.take_use(&dek).await?;
+        let dek = self.active_use(tenant).await?;
         let now = now_ms();
         let token =
             Token::generate(u64::try_from(now).unwrap_or(0)).map_err(|_| VaultError::Internal)?;

@@ -284,7 +284,6 @@ impl Vault {
                 if old.state() != DekState::DecryptOnly {
                     continue;
                 }
-                let target = self.active_dek(&tenant).await?;
                 let plain: Zeroizing<Vec<u8>> = match envelope::open(
                     old.cipher(),
                     &RecordContext {
@@ -300,7 +299,7 @@ impl Vault {
                         continue;
                     }
                 };
-                self.take_use(&target).await?;
+                let target = self.active_use(&tenant).await?;
                 let ciphertext = envelope::seal(
                     target.cipher(),
                     &RecordContext {

@@ -373,9 +373,15 @@ impl Vault {
             Some((r, s)) => (Some(r), Some(s)),
             None => (None, None),
         };
-        match self.ring.write() {
-            Ok(mut r) => *r = ring,
-            Err(p) => *p.into_inner() = ring,
+        let old = match self.ring.write() {
+            Ok(mut r) => std::mem::replace(&mut *r, ring),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), ring),
+        };
+        // Calls in flight may still hold the old ring's keys: they must not
+        // encrypt with them, or the uses they take would be counted again
+        // by the key objects the next unseal loads from the store.
+        if let Some(old) = old {
+            old.stop_encrypting();
         }
         match self.signer.write() {
             Ok(mut r) => *r = signer,
@@ -531,10 +537,28 @@ impl Vault {
 
     /// Takes one encryption from the DEK's counter, durably reserving a new
     /// block first when the current one is spent.
-    pub(crate) async fn take_use(&self, dk: &DataKey) -> Result<(), VaultError> {
+    /// The tenant's active key, with one encryption taken from it. A key
+    /// retired while this waited (a rotation, a seal) is never used: the
+    /// active key is fetched again, a few times at most.
+    pub(crate) async fn active_use(&self, tenant: &TenantId) -> Result<Arc<DataKey>, VaultError> {
+        for _ in 0..4 {
+            let dk = self.active_dek(tenant).await?;
+            if self.take_use(&dk).await? {
+                return Ok(dk);
+            }
+        }
+        Err(VaultError::Unavailable(
+            "the tenant's data key kept changing; retry".into(),
+        ))
+    }
+
+    /// Takes one encryption from `dk`; false if the key is no longer
+    /// active.
+    async fn take_use(&self, dk: &DataKey) -> Result<bool, VaultError> {
         loop {
             match dk.take_use() {
-                Use::Granted => return Ok(()),
+                Use::Granted => return Ok(true),
+                Use::Retired => return Ok(false),
                 Use::Exhausted => {
                     warn!(dek = dk.id, "data key reached its encryption limit");
                     return Err(VaultError::ResourceExhausted(
