@@ -216,6 +216,7 @@ impl Conn {
                     AttributeType::Private,
                     AttributeType::Encrypt,
                     AttributeType::Decrypt,
+                    AttributeType::Derive,
                 ],
             )
             .map_err(|e| p11("cannot read the key's attributes", e))?;
@@ -233,6 +234,7 @@ impl Conn {
                 Attribute::Private(b) => a.private = b,
                 Attribute::Encrypt(b) => a.encrypt = b,
                 Attribute::Decrypt(b) => a.decrypt = b,
+                Attribute::Derive(b) => a.derive = b,
                 _ => {}
             }
         }
@@ -262,6 +264,7 @@ struct KeyAttrs {
     private: bool,
     encrypt: bool,
     decrypt: bool,
+    derive: bool,
 }
 
 impl Default for KeyAttrs {
@@ -276,6 +279,7 @@ impl Default for KeyAttrs {
             private: false,
             encrypt: false,
             decrypt: false,
+            derive: true,
         }
     }
 }
@@ -310,6 +314,13 @@ fn check_acceptable(label: &str, a: &KeyAttrs) -> Result<(), CryptoError> {
     }
     if !a.encrypt || !a.decrypt {
         return refuse("does not allow both encryption and decryption".into());
+    }
+    if a.derive {
+        // Key derivation from the KEK (XOR or concatenation with chosen
+        // data, say) can produce an extractable key that reveals it.
+        return refuse(format!(
+            "allows key derivation (CKA_DERIVE=true), which can turn it into an extractable key — {WHY}"
+        ));
     }
     if a.id.is_empty() {
         return refuse(
@@ -539,6 +550,7 @@ mod tests {
             private: true,
             encrypt: true,
             decrypt: true,
+            derive: false,
         }
     }
 
@@ -598,6 +610,16 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("not sensitive"), "{e}");
         assert!(e.to_string().contains("3.6.1.2"), "{e}");
+
+        let e = check_acceptable(
+            "k",
+            &KeyAttrs {
+                derive: true,
+                ..good()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("CKA_DERIVE"), "{e}");
 
         let e = check_acceptable(
             "k",
