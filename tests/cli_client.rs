@@ -111,3 +111,31 @@ async fn the_shell_client_refuses_oversized_input_without_echoing_it() {
     assert!(err.contains("InvalidArgument: "), "{err}");
     v.stop().await;
 }
+
+/// A custodian's share file that another account could read is refused
+/// before anything is sent, like the KEK file.
+#[test]
+fn unseal_refuses_a_share_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("custodian-1.share");
+    std::fs::write(&share, "not a share: never sent\n").unwrap();
+    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = common::process::vault_cli(
+        &[
+            "unseal",
+            "--share-file",
+            share.to_str().unwrap(),
+            "--server",
+            "https://127.0.0.1:9",
+        ],
+        dir.path(),
+    );
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("share file") && run.stderr.contains("readable by group or others"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("never sent"), "{}", run.stderr);
+}

@@ -479,14 +479,32 @@ async fn follow(c: &mut KeyServiceClient<Channel>, id: u64) -> Result<(), String
     Ok(())
 }
 
+/// Reads a custodian's share file: refused, like the KEK file, if another
+/// account could read or change it, and read into a buffer sized from the
+/// file up front, so no regrown copy of the share is left unwiped.
+fn read_share_file(p: &Path) -> Result<Zeroizing<String>, String> {
+    use std::io::Read as _;
+    tokenvault::crypto::kek::check_private(p, "share file").map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", p.display()))?
+        .len();
+    // A share file is a few hundred bytes; anything far larger is not one.
+    if len > 64 * 1024 {
+        return Err(format!("{} is too large to be a share file", p.display()));
+    }
+    let mut text = Zeroizing::new(String::with_capacity(
+        usize::try_from(len).unwrap_or(0).saturating_add(1),
+    ));
+    f.read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    Ok(text)
+}
+
 pub async fn unseal(conn: &Conn, share_file: Option<&Path>) -> Result<(), String> {
     let (mut share, default) = match share_file {
-        Some(p) => (
-            Zeroizing::new(
-                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
-            ),
-            "custodian-1",
-        ),
+        Some(p) => (read_share_file(p)?, "custodian-1"),
         None => (Zeroizing::new(String::new()), ADMIN),
     };
     let r = keys_client(conn, default)
