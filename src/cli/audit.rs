@@ -137,6 +137,30 @@ impl Trust {
 
 const AUDITOR: &str = "auditor";
 
+/// Text from the log, for a terminal: control characters and invisible
+/// formatting ones (bidirectional overrides and isolates, zero-width
+/// characters) are written as `\u{…}` escapes, so a name a certificate
+/// carries cannot drive the auditor's terminal or hide text.
+fn shown(s: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c,
+                '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}')
+    };
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if hidden(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn output(out: Option<&Path>) -> Result<Box<dyn Write>, String> {
     Ok(match out {
         Some(p) => Box::new(BufWriter::new(
@@ -275,9 +299,9 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
                     "{:>6} {} {:<18} {:<10} {}{}{}{}",
                     e.seq,
                     e.time.map(|t| t.seconds).unwrap_or_default(),
-                    e.action,
-                    e.outcome,
-                    e.actor,
+                    shown(&e.action),
+                    shown(&e.outcome),
+                    shown(&e.actor),
                     key,
                     if e.reason.is_empty() {
                         String::new()
@@ -287,7 +311,7 @@ pub async fn run(cmd: AuditCmd) -> Result<(), String> {
                     if e.detail.is_empty() {
                         String::new()
                     } else {
-                        format!(" {}", e.detail)
+                        format!(" {}", shown(&e.detail))
                     },
                 );
             }
@@ -403,4 +427,17 @@ fn report(
         println!("{}", v.summary());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn listed_text_cannot_drive_the_terminal() {
+        assert_eq!(shown("spiffe://t/acme-worker"), "spiffe://t/acme-worker");
+        assert_eq!(shown("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(shown("x\u{202E}y\nz"), "x\\u{202e}y\\u{a}z");
+        assert_eq!(shown("café — ok"), "café — ok");
+    }
 }
