@@ -150,8 +150,12 @@ fn events_table(out: &mut String, events: &[Event]) {
     out.push_str("</table>");
 }
 
+/// Where `x` falls between `lo` and `lo + span`, in percent. Times come
+/// from the export, which is untrusted input: computed in i128, so no
+/// crafted time can overflow.
 fn pct(x: i64, lo: i64, span: i64) -> f64 {
-    ((x - lo) as f64 / span as f64 * 100.0).clamp(0.0, 100.0)
+    let off = i128::from(x) - i128::from(lo);
+    (off as f64 / span.max(1) as f64 * 100.0).clamp(0.0, 100.0)
 }
 
 /// One bar per key: green while active (red past its crypto-period),
@@ -163,8 +167,8 @@ fn lanes_html(out: &mut String, t: &TenantReport, r: &Report) {
         .filter_map(|k| k.created_ms.or(k.retired_ms).or(k.destroyed_ms))
         .min();
     let Some(lo) = lo else { return };
-    let hi = r.generated_ms.max(lo + 1);
-    let span = hi - lo;
+    let hi = r.generated_ms.max(lo.saturating_add(1));
+    let span = hi.saturating_sub(lo);
     out.push_str("<div class=\"lanes\">");
     for k in &t.keys {
         let start = k.created_ms.unwrap_or(lo);

@@ -508,3 +508,18 @@ fn reencrypt_fail_without_tenant_goes_to_the_running_job() {
     );
     assert!(r.attempts.iter().any(|e| e.seq == 9));
 }
+
+/// Times in an export are untrusted: the most extreme ones still render
+/// (no overflow, in debug or release), with every bar inside its track.
+#[test]
+fn extreme_times_in_an_export_render_without_overflow() {
+    use AuditAction as A;
+    let entries = vec![
+        keyed(rec(1, i64::MIN, "admin", A::DekCreate), "acme", 1, 1),
+        keyed(rec(2, i64::MAX, "admin", A::DekRotate), "acme", 1, 1),
+    ];
+    let r = report_of(&entries, &[]);
+    let html = render_html(&r);
+    assert!(html.contains("acme"), "{html}");
+    assert!(!html.contains("NaN") && !html.contains("inf"), "{html}");
+}
