@@ -196,6 +196,15 @@ pub struct Limits {
     /// vault stops accepting until one closes, so a flood of connections
     /// waits in the kernel's backlog instead of using the vault's memory.
     pub max_connections: usize,
+    /// How long an authenticated connection may live: then it is asked to
+    /// close (HTTP/2 GOAWAY; clients reconnect) and closed for good
+    /// `connection_grace_ms` later, whatever its state. Without it, a
+    /// client holding a certificate could keep connections (and their
+    /// slots) forever by never speaking, or hold streams it never reads.
+    pub max_connection_age_ms: u64,
+    /// After `max_connection_age_ms`, how long a connection has to finish
+    /// its calls before it is closed.
+    pub connection_grace_ms: u64,
     /// TLS handshakes in progress at once. A new connection beyond this
     /// closes a pending one: a stalled one first, then one of a source
     /// flooding the budget, else the oldest (see `transport::listener`).
@@ -219,6 +228,8 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             handshake_timeout_ms: 10_000,
             max_connections: 1024,
+            max_connection_age_ms: 30 * 60 * 1000,
+            connection_grace_ms: 30_000,
             max_handshakes: 256,
             detokenize_per_second: 1000,
             detokenize_burst: 2000,
@@ -447,6 +458,12 @@ impl Config {
         }
         if self.limits.request_timeout_ms == 0 {
             return bad("limits.request_timeout_ms must be at least 1".into());
+        }
+        if self.limits.max_connection_age_ms == 0 || self.limits.connection_grace_ms == 0 {
+            return bad(
+                "limits.max_connection_age_ms and limits.connection_grace_ms must be at least 1"
+                    .into(),
+            );
         }
         if self.limits.handshake_timeout_ms == 0 {
             return bad("limits.handshake_timeout_ms must be at least 1".into());

@@ -301,16 +301,25 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// HTTP/2 streams one connection may make the vault reset for protocol
+/// errors before it is told to go away: hyper's own default, which tonic
+/// 0.14 overrides with "no limit" unless it is set (the "MadeYouReset"
+/// flood, CVE-2025-8671).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// The server every listener of the vault is built on: the request
-/// deadline, the stream limit and keepalive. TLS is not tonic's here: the
-/// vault's listener runs the handshake (see [`tls_config`], [`incoming`]).
-/// `vault-load` builds its no-op server on these too, so both are measured
-/// with the same setup.
+/// deadline, the stream limit, keepalive, the connection age and the reset
+/// limit. TLS is not tonic's here: the vault's listener runs the handshake
+/// (see [`tls_config`], [`incoming`]). `vault-load` builds its no-op server
+/// on these too, so both are measured with the same setup.
 pub fn server_builder(cfg: &Config) -> Server {
     Server::builder()
         .timeout(cfg.limits.request_timeout())
         .max_concurrent_streams(cfg.limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_connection_age(Duration::from_millis(cfg.limits.max_connection_age_ms))
+        .max_connection_age_grace(Duration::from_millis(cfg.limits.connection_grace_ms))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
 }
 
 /// Mutual TLS with the configured certificate, key (which must be private

@@ -565,6 +565,46 @@ mod tls_versions {
         Ok((version, alpn))
     }
 
+    /// An authenticated connection that never speaks HTTP/2 (or holds
+    /// streams it never reads) is closed at `limits.max_connection_age_ms`
+    /// plus the grace, and its slot goes to the next caller.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_silent_authenticated_connection_is_closed_at_its_age() {
+        let dir = tempfile::tempdir().unwrap();
+        append_config(
+            dir.path(),
+            "[limits]\nmax_connections = 1\nmax_connection_age_ms = 300\nconnection_grace_ms = 200\n",
+        );
+        let v = TestVault::start_in(dir).await;
+        let cfg = config(&v, Some(ACME_CHECKOUT), &rustls::version::TLS13);
+        let tcp = tokio::net::TcpStream::connect(v.addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut silent = TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        // Nothing is sent. The bound only guards the suite against a hang.
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match silent.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the silent connection was never closed");
+        // Its slot was freed: the one allowed connection serves a caller.
+        let mut c = v.client(ACME_CHECKOUT).await;
+        common::calls::call(c.tokenize(TokenizeRequest {
+            pan: "4111111111111111".into(),
+            expiry: None,
+        }))
+        .await
+        .unwrap();
+    }
+
     #[tokio::test]
     async fn tls12_with_client_certificate_is_accepted() {
         let v = TestVault::start().await;
