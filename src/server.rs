@@ -579,22 +579,60 @@ async fn report_not_serving(health: &HealthReporter) {
         .await;
 }
 
-/// Resolves on SIGTERM or SIGINT. The SIGTERM handler is installed when
-/// this is called, not when the future is first polled, so a signal that
-/// arrives right after the vault announces itself still drains gracefully.
+/// Resolves on SIGTERM or SIGINT. Both handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives
+/// before serving begins (while keys load, say) still ends in a graceful
+/// shutdown.
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let (term, int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
+    };
     async move {
         #[cfg(unix)]
-        if let Some(mut term) = term {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+        match (term, int) {
+            (Some(mut t), Some(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+                return;
             }
-            return;
+            (Some(mut t), None) => {
+                t.recv().await;
+                return;
+            }
+            (None, Some(mut i)) => {
+                i.recv().await;
+                return;
+            }
+            (None, None) => {}
         }
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// [`shutdown_signal`], and after it, a second signal ends the process at
+/// once instead of waiting out the drain: once a handler is installed the
+/// default action is gone, so without this an operator's second Ctrl-C or
+/// SIGTERM would do nothing. Safe: every answered write is already durable
+/// (WAL, `synchronous=FULL`).
+pub fn shutdown_signal_then_force() -> impl Future<Output = ()> + Send + 'static {
+    let first = shutdown_signal();
+    async move {
+        first.await;
+        let second = shutdown_signal();
+        tokio::spawn(async move {
+            second.await;
+            warn!(
+                "second signal: exiting now without finishing the drain; every answered write is already durable"
+            );
+            std::process::exit(1);
+        });
     }
 }
 

@@ -197,6 +197,82 @@ async fn health_reports_not_serving_while_draining() {
     drop(stopped.unwrap());
 }
 
+/// The first SIGTERM drains; while a call keeps the drain waiting (a
+/// health watch never ends), a second signal ends the process at once
+/// instead of being swallowed. What was answered before is durable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_ends_a_draining_vault_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let l = ensure_layout(&data);
+    let text = std::fs::read_to_string(l.config()).unwrap();
+    std::fs::write(
+        l.config(),
+        text.replace("[server]\n", "[server]\ndrain_seconds = 60\n"),
+    )
+    .unwrap();
+    let mut vault = VaultProc::start(&data, &dir.path().join("logs"), "signals", "info");
+    let url = vault.url();
+    let pki = ClientPki::from_dev_dir(&data, AUDITOR).unwrap();
+    let mut health = HealthClient::new(channel(&url, &pki).await.unwrap());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap();
+    let token = {
+        let mut c = connect(
+            &url,
+            &ClientPki::from_dev_dir(&data, ACME_CHECKOUT).unwrap(),
+        )
+        .await
+        .unwrap();
+        call(c.tokenize(TokenizeRequest {
+            pan: visa_pan(9_300_000, 1),
+            expiry: None,
+        }))
+        .await
+        .unwrap()
+        .token
+    };
+
+    vault.sigterm();
+    // Draining: NOT_SERVING is reported, and the open watch holds the drain.
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the drain did not begin");
+    assert!(next.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    vault.sigterm();
+    let status = vault.wait_exit(Duration::from_secs(15)).await;
+    assert!(!status.success(), "a forced exit reported success");
+    assert!(
+        vault.stderr().contains("second signal"),
+        "{}",
+        vault.stderr()
+    );
+    drop((watch, health));
+
+    // The token answered before the signals is there after a restart.
+    let v = VaultProc::start(&data, &dir.path().join("logs"), "after", "info");
+    let mut pay = connect(
+        &v.url(),
+        &ClientPki::from_dev_dir(&data, ACME_PAYMENTS).unwrap(),
+    )
+    .await
+    .unwrap();
+    let got = call(pay.detokenize(tokenvault::proto::DetokenizeRequest {
+        token,
+        purpose: "charge order 42".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(got.pan, visa_pan(9_300_000, 1));
+}
+
 /// A connection that never starts its TLS handshake is closed once
 /// `limits.handshake_timeout_ms` passes, while the vault keeps serving:
 /// idle sockets cannot pile up before anyone is authenticated.

@@ -6,7 +6,9 @@ use std::path::Path;
 use tokenvault::config::{Config, ProcessEnv};
 use tokenvault::devpki::{DEV_CLIENTS, ensure_dev_dir};
 use tokenvault::hardening::{lock_memory, raise_open_files};
-use tokenvault::server::{StartError, open_configured, serve as serve_vault, shutdown_signal};
+use tokenvault::server::{
+    StartError, open_configured, serve as serve_vault, shutdown_signal_then_force,
+};
 
 /// Variables that would make `vault dev` use a key other than its own
 /// development KEK, or a database outside its data directory. A production
@@ -89,8 +91,10 @@ async fn run_server(cfg: Config, announce: impl FnOnce(SocketAddr)) -> Result<()
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Serve(e.to_string()))?;
+    // Handlers first: a signal while the keys load (a slow HSM, say) is
+    // then a graceful stop as soon as serving begins, not a kill.
+    let shutdown = shutdown_signal_then_force();
     let vault = open_configured(&cfg, &ProcessEnv).await?;
-    let shutdown = shutdown_signal();
     if vault.is_sealed() {
         tracing::warn!("vault is sealed: custodians must submit their shares (vault unseal)");
     }
