@@ -495,6 +495,7 @@ async fn run(
     let reporter = health.clone();
     let drain_began = Arc::new(std::sync::OnceLock::new());
     let began = drain_began.clone();
+    let draining = vault.clone();
     let signal = async move {
         shutdown.await;
         // Before the drain, so load balancers stop sending new calls while
@@ -504,6 +505,7 @@ async fn run(
         let _ = follow_seal.await;
         report_not_serving(&reporter).await;
         info!("shutdown requested: reporting NOT_SERVING, draining in-flight calls");
+        draining.begin_drain();
         let _ = began.set(tokio::time::Instant::now());
         let _ = stop_tx.send(());
     };

@@ -236,6 +236,70 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
     v.stop().await;
 }
 
+/// A job watch ends (UNAVAILABLE) when the server begins to drain, instead
+/// of holding the drain to its deadline: the shutdown is as quick as the
+/// calls really in flight.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_watch_ends_when_the_server_drains() {
+    use tokenvault::proto::{GetJobRequest, RotateDataKeyRequest, StartReencryptionRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let l = tokenvault::devpki::ensure_dev_dir(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let text = std::fs::read_to_string(l.config()).unwrap();
+    std::fs::write(
+        l.config(),
+        text.replace("[server]\n", "[server]\ndrain_seconds = 120\n"),
+    )
+    .unwrap();
+    append_config(
+        dir.path(),
+        "[keys]\nreencrypt_batch = 5\nreencrypt_pause_ms = 200\n",
+    );
+    let v = TestVault::start_in(dir).await;
+    let checkout = v.client(ACME_CHECKOUT).await;
+    let mut admin = v.keys(ADMIN).await;
+    common::calls::tokenize_many(&checkout, 8_300_000, 200).await;
+    call(admin.rotate_data_key(RotateDataKeyRequest {
+        tenant: "acme".into(),
+        reason: "scheduled rotation".into(),
+    }))
+    .await
+    .unwrap();
+    let job = call(admin.start_reencryption(StartReencryptionRequest {
+        tenant: "acme".into(),
+        reason: "move tokens to the new key".into(),
+    }))
+    .await
+    .unwrap();
+    let mut watch = admin
+        .watch_job(GetJobRequest { job_id: job.job_id })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap();
+    drop(checkout);
+    let stopping = tokio::spawn(v.stop());
+    // The bound guards the suite only: without the fix the watch (and the
+    // stop) would last the whole 120 s drain.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch held the drain");
+    let e = end.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("shutting down"), "{e:?}");
+    drop((watch, admin));
+    tokio::time::timeout(std::time::Duration::from_secs(60), stopping)
+        .await
+        .expect("the stop waited out the drain")
+        .unwrap();
+}
+
 /// Sealing signs the log up to its own Seal record: while sealed no
 /// checkpoint can be made, and an unsigned tail could be cut unseen.
 #[tokio::test(flavor = "multi_thread")]

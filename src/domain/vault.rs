@@ -104,6 +104,9 @@ pub struct Vault {
     /// held (see [`Vault::spawn_background`]), so a spawn is either seen by
     /// the shutdown's wait or refused, never slipped in between.
     stopping: Mutex<bool>,
+    /// Set when the server begins draining, so that open-ended streams
+    /// (job watches) end instead of holding the drain to its deadline.
+    draining: std::sync::atomic::AtomicBool,
     /// The `Arc` this vault lives in (see [`Vault::shared`]), so that a
     /// step which commits to the store and then updates memory can run as
     /// its own task, to completion, whatever happens to the call.
@@ -181,6 +184,7 @@ impl Vault {
             reload: RwLock::new(None),
             background: TaskTracker::new(),
             stopping: Mutex::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             me: Weak::new(),
         }
     }
@@ -219,6 +223,17 @@ impl Vault {
             error!(error = %e, "a key lifecycle step panicked");
             VaultError::Internal
         })?
+    }
+
+    /// Marks the start of a shutdown's drain (see `draining`).
+    pub fn begin_drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the server is draining its calls before it stops.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the vault is shutting down (see [`Vault::stop_background`]).

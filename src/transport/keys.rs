@@ -424,7 +424,8 @@ impl KeyService for KeyServiceImpl {
 /// Emits the job now and then every 500 ms until it is no longer running.
 ///
 /// A watch is bounded: it ends (UNAVAILABLE) when the vault is sealed,
-/// where a paused job would otherwise look "running" forever, and
+/// where a paused job would otherwise look "running" forever, or begins
+/// to shut down, where it would hold the drain to its deadline, and
 /// (DEADLINE_EXCEEDED) after `MAX_WATCH`; the caller may watch again.
 fn async_stream(
     vault: Arc<Vault>,
@@ -446,6 +447,10 @@ fn async_stream(
             let end = if vault.is_sealed() {
                 Some(Status::unavailable(
                     "vault is sealed: the job is paused until it is unsealed; watch again then",
+                ))
+            } else if vault.is_draining() {
+                Some(Status::unavailable(
+                    "vault is shutting down: watch again on another instance or after restart",
                 ))
             } else if tokio::time::Instant::now() >= until {
                 Some(Status::deadline_exceeded(
