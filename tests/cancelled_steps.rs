@@ -97,6 +97,12 @@ async fn a_cancelled_rotation_still_installs_the_key_it_committed() {
     assert_eq!(active.len(), 1, "{:?}", st.deks);
     assert_eq!(active[0].version, 2, "{:?}", st.deks);
     let new_key = active[0].id;
+    // The audit row is committed a moment before the key reaches memory:
+    // wait for memory, which is what the cancelled step must not skip.
+    eventually("the committed key never reached the key ring", || {
+        vault.active_key_id("acme") == Some(new_key)
+    })
+    .await;
     vault.tokenize(&checkout, &pan, None).await.unwrap();
     let st = vault.key_status(&admin).await.unwrap();
     let under_new = st.deks.iter().find(|d| d.id == new_key).unwrap().tokens;

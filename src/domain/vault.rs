@@ -225,6 +225,13 @@ impl Vault {
         })?
     }
 
+    /// The id of `tenant`'s active data key as held in memory (what the
+    /// next tokenize uses), if the vault is unsealed and has one. The
+    /// store can be a moment ahead of memory after a key change commits.
+    pub fn active_key_id(&self, tenant: &str) -> Option<u32> {
+        self.ring().ok()?.active_for(tenant).map(|k| k.id)
+    }
+
     /// Marks the start of a shutdown's drain (see `draining`).
     pub fn begin_drain(&self) {
         self.draining
