@@ -78,8 +78,20 @@ fn holds_needle(block: &[u8]) -> bool {
     })
 }
 
+/// One scan at a time: the needle and the hit count are global, and
+/// `cargo test` runs this file's tests on parallel threads (nextest runs
+/// each in its own process). std's mutex does not allocate, so holding it
+/// cannot disturb the scan.
+static SCAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A scan in progress; `disarm` ends it.
+struct Armed(std::sync::MutexGuard<'static, ()>);
+
 /// Watches freed memory for `digits` until `disarm`; returns the hits.
-fn arm(digits: &[u8]) {
+fn arm(digits: &[u8]) -> Armed {
+    let guard = SCAN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     assert!(digits.len() <= MAX_NEEDLE);
     for (slot, b) in NEEDLE.iter().zip(digits) {
         slot.store(*b, Ordering::Relaxed);
@@ -87,11 +99,14 @@ fn arm(digits: &[u8]) {
     NEEDLE_LEN.store(digits.len(), Ordering::Relaxed);
     HITS.store(0, Ordering::Relaxed);
     ARMED.store(true, Ordering::SeqCst);
+    Armed(guard)
 }
 
-fn disarm() -> usize {
+fn disarm(scan: Armed) -> usize {
     ARMED.store(false, Ordering::SeqCst);
-    HITS.load(Ordering::Relaxed)
+    let hits = HITS.load(Ordering::Relaxed);
+    drop(scan.0);
+    hits
 }
 
 /// A Luhn-valid 16-digit Visa number drawn at random, so that no constant
@@ -143,11 +158,11 @@ async fn no_unwiped_copy_of_a_card_number_is_freed() {
     bad_checksum.push(if last == '9' { '0' } else { '9' });
 
     // The scanner finds what it must: a plain String freed unwiped.
-    arm(pan.as_bytes());
+    let scan = arm(pan.as_bytes());
     drop(std::hint::black_box(String::from(pan.as_str())));
-    assert_eq!(disarm(), 1, "the scanner missed a planted copy");
+    assert_eq!(disarm(scan), 1, "the scanner missed a planted copy");
 
-    arm(pan.as_bytes());
+    let scan = arm(pan.as_bytes());
     let (token, meta) = vault
         .tokenize(&checkout, &pan, Some((12, 2030)))
         .await
@@ -176,7 +191,7 @@ async fn no_unwiped_copy_of_a_card_number_is_freed() {
         response.encode(&mut *wire).unwrap();
         response.wipe();
     }
-    let hits = disarm();
+    let hits = disarm(scan);
 
     spaced.zeroize();
     bad_checksum.zeroize();
@@ -196,16 +211,16 @@ fn a_dropped_cipher_leaves_no_key_bytes_in_freed_memory() {
     getrandom::fill(&mut *key).unwrap();
 
     // Control: an unwiped heap copy of the key is found.
-    arm(&key[..16]);
+    let scan = arm(&key[..16]);
     drop(std::hint::black_box(Box::new(*key)));
-    assert_eq!(disarm(), 1, "the scanner missed a planted key copy");
+    assert_eq!(disarm(scan), 1, "the scanner missed a planted key copy");
 
     for half in [&key[..16], &key[16..]] {
-        arm(half);
+        let scan = arm(half);
         let cipher = Box::new(tokenvault::crypto::envelope::cipher(&key));
         std::hint::black_box(&cipher);
         drop(cipher);
-        let hits = disarm();
+        let hits = disarm(scan);
         assert_eq!(hits, 0, "a dropped cipher left key bytes in freed memory");
     }
 }
@@ -222,13 +237,13 @@ fn messages_with_a_card_number_wipe_it_when_dropped() {
     original.encode(&mut *wire).unwrap();
     drop(original);
 
-    arm(pan.as_bytes());
+    let scan = arm(pan.as_bytes());
     let decoded = tokenvault::proto::TokenizeRequest::decode(&wire[..]).unwrap();
     assert_eq!(decoded.pan.len(), pan.len());
     drop(decoded);
     let mut unsent = DetokenizeResponse::default();
     unsent.pan.push_str(&pan);
     drop(std::hint::black_box(unsent));
-    let hits = disarm();
+    let hits = disarm(scan);
     assert_eq!(hits, 0, "a dropped message left the card number in memory");
 }
