@@ -866,6 +866,13 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
     // Acme's tokens are gone for good; globex is untouched.
     let failures = detokenize_failures(&payments, &acme, PURPOSE).await;
     assert_eq!(failures.len(), acme.len(), "{failures:?}");
+    // Each for the reason that matters, not any error at all.
+    assert!(
+        failures
+            .iter()
+            .all(|f| f.contains("FailedPrecondition") && f.contains("destroyed")),
+        "{failures:?}"
+    );
     let mut p = payments.clone();
     let s = assert_code(
         detokenize(&mut p, &acme[0].0).await,

@@ -167,7 +167,10 @@ async fn an_unseal_whose_audit_record_cannot_be_written_leaves_the_vault_sealed(
          BEGIN SELECT RAISE(ABORT, 'audit refused'); END;",
     )
     .unwrap();
-    assert!(call(admin.unseal(UnsealRequest::default())).await.is_err());
+    let e = call(admin.unseal(UnsealRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let st = call(admin.get_seal_status(GetSealStatusRequest {}))
         .await
         .unwrap();
