@@ -468,6 +468,11 @@ mod tests {
             .map(|_| stall(&pending, source("10.0.0.66"), t0, 0))
             .collect();
         assert_eq!(pending.len(), 3);
+        // An aborted task is marked finished only once the runtime polls
+        // it: let it run first, or the check below could not fail.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         assert!(
             !early.is_finished(),
             "another source's handshake was closed"
