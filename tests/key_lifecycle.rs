@@ -1564,6 +1564,9 @@ async fn sealing_pauses_a_running_reencryption_job_instead_of_failing_it() {
     let mut admin = v.keys(ADMIN).await;
     let made = tokenize_many(&checkout, 21_000_000, 4_000).await;
 
+    // Rounds whose seal found the job part-way (the case under test; a
+    // seal after the job ended proves nothing).
+    let mut mid_job = 0;
     for (round, delay_ms) in [10u64, 30, 60].into_iter().enumerate() {
         rotate(&mut admin, "acme", &format!("round {round}")).await;
         let job = start_job(&mut admin, "acme").await;
@@ -1571,6 +1574,12 @@ async fn sealing_pauses_a_running_reencryption_job_instead_of_failing_it() {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         assert!(seal(&mut admin, "seal mid-job").await.unwrap().sealed);
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let sealed = call(admin.get_job(GetJobRequest { job_id: job.job_id }))
+            .await
+            .unwrap();
+        if sealed.state() == JobState::Running && sealed.done < sealed.total {
+            mid_job += 1;
+        }
         assert!(!unseal(&mut admin, "").await.unwrap().sealed);
         let end = wait_job(&mut admin, job.job_id, Duration::from_secs(30)).await;
         assert_eq!(
@@ -1580,6 +1589,7 @@ async fn sealing_pauses_a_running_reencryption_job_instead_of_failing_it() {
         );
         assert_eq!(end.done, end.total, "{end:?}");
     }
+    assert!(mid_job > 0, "no seal landed while the job was running");
     assert_all_detokenize(&payments, &made[..200], PURPOSE).await;
     drop((checkout, payments, admin));
     v.stop().await;
@@ -1604,8 +1614,12 @@ async fn shamir_unseal_needs_the_configured_threshold_of_custodians() {
     let mut c2 = v.keys(CUSTODIANS[1]).await;
     // Refusing the mismatched shares or waiting for a third custodian would
     // both be correct; opening is not.
-    let _ = unseal(&mut c1, &shares[0].to_text()).await;
-    let _ = unseal(&mut c2, &shares[1].to_text()).await;
+    for (c, share) in [(&mut c1, &shares[0]), (&mut c2, &shares[1])] {
+        match unseal(c, &share.to_text()).await {
+            Ok(st) => assert!(st.sealed, "{st:?}"),
+            Err(s) => assert_eq!(s.code(), Code::InvalidArgument, "{s:?}"),
+        }
+    }
     let st = seal_status(&mut c1).await;
     assert!(
         st.sealed,
