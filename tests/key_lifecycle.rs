@@ -961,10 +961,9 @@ async fn tenant_shred_needs_a_second_admin_and_erases_the_wrapped_keys() {
 // ---------------------------------------------------------------------------
 // 7. Split knowledge: sealed start, unseal by distinct custodians, seal.
 
-/// A share whose submission cannot be put on record is withdrawn: it never
-/// counts toward the threshold, so no unseal rests on an unrecorded share.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_share_whose_audit_record_cannot_be_written_never_counts() {
+/// A fresh data directory for a 2-of-3 Shamir vault (no database yet),
+/// its new KEK and the KEK's id, and the three custodians' shares as text.
+fn shamir_2_of_3() -> (tempfile::TempDir, KeyBytes, String, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     tokenvault::devpki::ensure_dev_dir(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
     set_kek_config(dir.path(), SHAMIR_2_OF_3);
@@ -978,6 +977,14 @@ async fn a_share_whose_audit_record_cannot_be_written_never_counts() {
         .iter()
         .map(|s| s.to_text().to_string())
         .collect();
+    (dir, key, kek_id, texts)
+}
+
+/// A share whose submission cannot be put on record is withdrawn: it never
+/// counts toward the threshold, so no unseal rests on an unrecorded share.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_share_whose_audit_record_cannot_be_written_never_counts() {
+    let (dir, _, _, texts) = shamir_2_of_3();
     let v = TestVault::start_in(dir).await;
     let mut c1 = v.keys(CUSTODIANS[0]).await;
     let mut c2 = v.keys(CUSTODIANS[1]).await;
@@ -1007,19 +1014,7 @@ async fn a_share_whose_audit_record_cannot_be_written_never_counts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shamir_vault_starts_sealed_and_needs_distinct_custodians_to_unseal() {
-    let dir = tempfile::tempdir().unwrap();
-    tokenvault::devpki::ensure_dev_dir(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    set_kek_config(dir.path(), SHAMIR_2_OF_3);
-    for f in ["vault.db", "vault.db-wal", "vault.db-shm"] {
-        let _ = std::fs::remove_file(dir.path().join(f));
-    }
-    let key = KeyBytes::generate().unwrap();
-    let kek_id = LocalKek::from_key(&key).id().to_owned();
-    let texts: Vec<String> = split(&key, &kek_id, 2, 3)
-        .unwrap()
-        .iter()
-        .map(|s| s.to_text().to_string())
-        .collect();
+    let (dir, key, kek_id, texts) = shamir_2_of_3();
 
     let v = TestVault::start_in(dir).await;
     let mut c1 = v.keys(CUSTODIANS[0]).await;

@@ -184,14 +184,18 @@ async fn an_unseal_whose_audit_record_cannot_be_written_leaves_the_vault_sealed(
     v.stop().await;
 }
 
-/// A job watch ends (UNAVAILABLE) when the vault is sealed, instead of
-/// reporting a paused job as "running" for as long as the vault stays
-/// sealed.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_watch_ends_when_the_vault_is_sealed() {
+/// A vault in `dir` running a slow re-encryption job (small batches, long
+/// pauses, so it is still running seconds later), with the admin client
+/// watching it; the watch's first message has been read.
+async fn watched_job(
+    dir: tempfile::TempDir,
+    cards_from: u64,
+) -> (
+    TestVault,
+    KeysClient,
+    tonic::Streaming<tokenvault::proto::Job>,
+) {
     use tokenvault::proto::{GetJobRequest, RotateDataKeyRequest, StartReencryptionRequest};
-    let dir = tempfile::tempdir().unwrap();
-    // Small batches with long pauses: the job is still running when sealed.
     append_config(
         dir.path(),
         "[keys]\nreencrypt_batch = 5\nreencrypt_pause_ms = 200\n",
@@ -199,7 +203,7 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
     let v = TestVault::start_in(dir).await;
     let checkout = v.client(ACME_CHECKOUT).await;
     let mut admin = v.keys(ADMIN).await;
-    common::calls::tokenize_many(&checkout, 8_200_000, 200).await;
+    common::calls::tokenize_many(&checkout, cards_from, 200).await;
     call(admin.rotate_data_key(RotateDataKeyRequest {
         tenant: "acme".into(),
         reason: "scheduled rotation".into(),
@@ -219,12 +223,15 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.job_id, job.job_id);
-    call(admin.seal(SealRequest {
-        reason: "maintenance window".into(),
-    }))
-    .await
-    .unwrap();
-    let end = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+    (v, admin, watch)
+}
+
+/// Reads `watch` until it ends; its end.
+async fn end_of(
+    watch: &mut tonic::Streaming<tokenvault::proto::Job>,
+    what: &str,
+) -> Result<Option<tokenvault::proto::Job>, tonic::Status> {
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
         loop {
             match watch.message().await {
                 Ok(Some(_)) => continue,
@@ -233,9 +240,23 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
         }
     })
     .await
-    .expect("the watch outlived the seal");
+    .unwrap_or_else(|_| panic!("{what}"))
+}
+
+/// A job watch ends (UNAVAILABLE) when the vault is sealed, instead of
+/// reporting a paused job as "running" for as long as the vault stays
+/// sealed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_watch_ends_when_the_vault_is_sealed() {
+    let (v, mut admin, mut watch) = watched_job(tempfile::tempdir().unwrap(), 8_200_000).await;
+    call(admin.seal(SealRequest {
+        reason: "maintenance window".into(),
+    }))
+    .await
+    .unwrap();
+    let end = end_of(&mut watch, "the watch outlived the seal").await;
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
-    drop((checkout, admin));
+    drop((watch, admin));
     v.stop().await;
 }
 
@@ -244,7 +265,6 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
 /// calls really in flight.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_watch_ends_when_the_server_drains() {
-    use tokenvault::proto::{GetJobRequest, RotateDataKeyRequest, StartReencryptionRequest};
     let dir = tempfile::tempdir().unwrap();
     let l = tokenvault::devpki::ensure_dev_dir(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let text = std::fs::read_to_string(l.config()).unwrap();
@@ -253,47 +273,13 @@ async fn a_job_watch_ends_when_the_server_drains() {
         text.replace("[server]\n", "[server]\ndrain_seconds = 120\n"),
     )
     .unwrap();
-    append_config(
-        dir.path(),
-        "[keys]\nreencrypt_batch = 5\nreencrypt_pause_ms = 200\n",
-    );
-    let v = TestVault::start_in(dir).await;
-    let checkout = v.client(ACME_CHECKOUT).await;
-    let mut admin = v.keys(ADMIN).await;
-    common::calls::tokenize_many(&checkout, 8_300_000, 200).await;
-    call(admin.rotate_data_key(RotateDataKeyRequest {
-        tenant: "acme".into(),
-        reason: "scheduled rotation".into(),
-    }))
-    .await
-    .unwrap();
-    let job = call(admin.start_reencryption(StartReencryptionRequest {
-        tenant: "acme".into(),
-        reason: "move tokens to the new key".into(),
-    }))
-    .await
-    .unwrap();
-    let mut watch = admin
-        .watch_job(GetJobRequest { job_id: job.job_id })
-        .await
-        .unwrap()
-        .into_inner();
-    watch.message().await.unwrap().unwrap();
-    drop(checkout);
+    let (v, admin, mut watch) = watched_job(dir, 8_300_000).await;
     let stopping = tokio::spawn(v.stop());
-    // The bound guards the suite only: without the fix the watch (and the
-    // stop) would last the whole 120 s drain.
-    let end = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        loop {
-            match watch.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the watch held the drain");
-    let e = end.unwrap_err();
+    // Without the fix the watch (and the stop) would last the whole 120 s
+    // drain; the bounds only guard the suite.
+    let e = end_of(&mut watch, "the watch held the drain")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("shutting down"), "{e:?}");
     drop((watch, admin));

@@ -20,11 +20,21 @@ fn token_bytes(token: &str) -> Vec<u8> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tampered_token_rows_answer_data_loss_and_never_a_card_number() {
+/// `n` cards tokenized by acme's checkout, then the vault stopped (so no
+/// row is served from its cache after a restart): the cards, their
+/// tokens, the database and the data directory to restart in.
+async fn tokenized_then_stopped(
+    base: u64,
+    n: u64,
+) -> (
+    Vec<String>,
+    Vec<String>,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
     let v = TestVault::start().await;
     let mut checkout = v.client(ACME_CHECKOUT).await;
-    let pans: Vec<String> = (0..5).map(|i| visa_pan(7_300_000, i)).collect();
+    let pans: Vec<String> = (0..n).map(|i| visa_pan(base, i)).collect();
     let mut tokens = Vec::new();
     for pan in &pans {
         let t = call(checkout.tokenize(TokenizeRequest {
@@ -37,9 +47,14 @@ async fn tampered_token_rows_answer_data_loss_and_never_a_card_number() {
         tokens.push(t);
     }
     drop(checkout);
-    // Stopped, so nothing is served from the row cache after the restart.
     let db_path = v.db_path();
     let dir = v.stop().await;
+    (pans, tokens, db_path, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_token_rows_answer_data_loss_and_never_a_card_number() {
+    let (pans, tokens, db_path, dir) = tokenized_then_stopped(7_300_000, 5).await;
 
     let db = rusqlite::Connection::open(&db_path).unwrap();
     let ciphertext = |t: &str| -> Vec<u8> {
@@ -121,23 +136,7 @@ async fn tampered_token_rows_answer_data_loss_and_never_a_card_number() {
 /// administrator of all tenants.
 #[tokio::test(flavor = "multi_thread")]
 async fn rows_naming_an_unknown_key_or_tenant_fail_closed() {
-    let v = TestVault::start().await;
-    let mut checkout = v.client(ACME_CHECKOUT).await;
-    let pans: Vec<String> = (0..2).map(|i| visa_pan(7_400_000, i)).collect();
-    let mut tokens = Vec::new();
-    for pan in &pans {
-        let t = call(checkout.tokenize(TokenizeRequest {
-            pan: pan.clone(),
-            expiry: None,
-        }))
-        .await
-        .unwrap()
-        .token;
-        tokens.push(t);
-    }
-    drop(checkout);
-    let db_path = v.db_path();
-    let dir = v.stop().await;
+    let (pans, tokens, db_path, dir) = tokenized_then_stopped(7_400_000, 2).await;
 
     let db = rusqlite::Connection::open(&db_path).unwrap();
     db.execute(
