@@ -57,6 +57,7 @@ conformance!(Sqlite::new() =>
     deleted_row_never_reads_back,
     token_counts_follow_writes,
     destroy_only_unreferenced_decrypt_only_keys,
+    no_token_is_stored_under_a_retired_key,
     batch_for_a_stopped_job_fails_alone,
     finishing_a_restore_retires_every_active_key,
 );

@@ -111,55 +111,67 @@ impl Vault {
         })?;
         let pan = Pan::parse(pan).map_err(|e| VaultError::InvalidArgument(e.to_string()))?;
         let expiry = expiry.map(|(m, y)| Expiry::new(m, y)).transpose()?;
-        let dek = self.active_use(tenant).await?;
         let now = now_ms();
         let token =
             Token::generate(u64::try_from(now).unwrap_or(0)).map_err(|_| VaultError::Internal)?;
-        let ciphertext = envelope::seal(
-            dek.cipher(),
-            &RecordContext {
-                tenant: tenant.as_str(),
-                token: &token,
-                dek_id: dek.id,
-            },
-            pan.digits().as_bytes(),
-        )
-        .map_err(|e| {
-            error!(error = %e, "encryption failed");
-            VaultError::Internal
-        })?;
-        let rec = TokenRecord {
-            token,
-            tenant: tenant.as_str().to_owned(),
-            dek_id: dek.id,
-            ciphertext,
-            brand: pan.brand(),
-            bin: pan.bin().to_owned(),
-            last4: pan.last4().to_owned(),
-            pan_len: u8::try_from(pan.len()).unwrap_or(u8::MAX),
-            exp_month: expiry.map(|e| e.month),
-            exp_year: expiry.map(|e| e.year),
-            created_ms: now,
-        };
-        let meta = CardMetadata::of(&rec);
-        let audit = self.event(
-            caller,
-            AuditAction::Tokenize,
-            Some(tenant.as_str()),
-            Some(token),
-            Outcome::SUCCESS,
-            None,
-        );
-        self.store
-            .insert_token(rec, audit)
-            .await
-            .map_err(|e| match e {
-                // 128 random bits make a collision practically impossible; if one
-                // happens the caller retries rather than getting someone's token.
-                StoreError::Conflict => VaultError::Unavailable("token collision; retry".into()),
-                e => storage(e),
+        // A key retired between taking its use and the commit is refused
+        // by the store (PCI DSS 3.7.5): encrypt again under the new one.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let dek = self.active_use(tenant).await?;
+            let ciphertext = envelope::seal(
+                dek.cipher(),
+                &RecordContext {
+                    tenant: tenant.as_str(),
+                    token: &token,
+                    dek_id: dek.id,
+                },
+                pan.digits().as_bytes(),
+            )
+            .map_err(|e| {
+                error!(error = %e, "encryption failed");
+                VaultError::Internal
             })?;
-        Ok((token, meta))
+            let rec = TokenRecord {
+                token,
+                tenant: tenant.as_str().to_owned(),
+                dek_id: dek.id,
+                ciphertext,
+                brand: pan.brand(),
+                bin: pan.bin().to_owned(),
+                last4: pan.last4().to_owned(),
+                pan_len: u8::try_from(pan.len()).unwrap_or(u8::MAX),
+                exp_month: expiry.map(|e| e.month),
+                exp_year: expiry.map(|e| e.year),
+                created_ms: now,
+            };
+            let meta = CardMetadata::of(&rec);
+            let audit = self.event(
+                caller,
+                AuditAction::Tokenize,
+                Some(tenant.as_str()),
+                Some(token),
+                Outcome::SUCCESS,
+                None,
+            );
+            match self.store.insert_token(rec, audit).await {
+                Ok(()) => return Ok((token, meta)),
+                Err(StoreError::KeyRetired) if attempt < 3 => {
+                    // The rotation that retired the key holds the lifecycle
+                    // lock until its new key is in memory: once we get the
+                    // lock, the active key is the new one.
+                    drop(self.lifecycle.lock().await);
+                }
+                // 128 random bits make a collision practically impossible;
+                // if one happens the caller retries rather than getting
+                // someone's token.
+                Err(StoreError::Conflict) => {
+                    return Err(VaultError::Unavailable("token collision; retry".into()));
+                }
+                Err(e) => return Err(storage(e)),
+            }
+        }
     }
 
     /// Returns the card number behind `token`, after durably auditing the

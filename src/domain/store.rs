@@ -35,6 +35,11 @@ pub enum StoreError {
     /// that tokens still reference). Nothing was written.
     #[error("{0}")]
     Precondition(String),
+    /// A token was to be stored under a data key retired meanwhile: it
+    /// must be encrypted again under the tenant's active key. Nothing was
+    /// written.
+    #[error("the data key was retired")]
+    KeyRetired,
 }
 
 /// A tokenized card as stored: ciphertext plus the metadata PCI DSS 3.4.1
@@ -242,7 +247,9 @@ pub trait Store: Send + Sync + 'static {
     async fn reserve_dek_uses(&self, dek_id: u32, reserved: u64) -> Result<(), StoreError>;
 
     /// Inserts a token and its audit event in one commit. `Conflict` if the
-    /// token exists.
+    /// token exists; `KeyRetired` if its data key is no longer active (the
+    /// caller encrypts again under the active key); `Precondition` if that
+    /// key was destroyed.
     async fn insert_token(&self, rec: TokenRecord, audit: AuditEvent) -> Result<(), StoreError>;
     /// The token's row. Shared, not copied: a backend may hand out the row
     /// it caches.

@@ -134,6 +134,10 @@ pub fn now_ms() -> i64 {
 pub(crate) fn storage(e: StoreError) -> VaultError {
     match e {
         StoreError::Precondition(m) => VaultError::FailedPrecondition(m),
+        // Only after the caller's own retries: the key kept changing.
+        StoreError::KeyRetired => {
+            VaultError::Unavailable("the tenant's data key changed; retry".into())
+        }
         StoreError::Corrupt(_) => {
             error!(error = %e, "stored data is corrupt");
             VaultError::DataLoss
@@ -557,8 +561,6 @@ impl Vault {
         Ok(new)
     }
 
-    /// Takes one encryption from the DEK's counter, durably reserving a new
-    /// block first when the current one is spent.
     /// The tenant's active key, with one encryption taken from it. A key
     /// retired while this waited (a rotation, a seal) is never used: the
     /// active key is fetched again, a few times at most.
@@ -574,8 +576,9 @@ impl Vault {
         ))
     }
 
-    /// Takes one encryption from `dk`; false if the key is no longer
-    /// active.
+    /// Takes one encryption from `dk`'s counter, durably reserving a new
+    /// block first when the current one is spent; false if the key is no
+    /// longer active.
     async fn take_use(&self, dk: &DataKey) -> Result<bool, VaultError> {
         loop {
             match dk.take_use() {

@@ -595,6 +595,60 @@ pub async fn destroy_only_unreferenced_decrypt_only_keys<B: Backend>(b: &B) -> C
     )
 }
 
+/// A token is never stored under a key retired before its commit (PCI DSS
+/// 3.7.5), after a restart too; the refusal says so, so the caller can
+/// encrypt again under the active key. The active key still takes tokens.
+pub async fn no_token_is_stored_under_a_retired_key<B: Backend>(b: &B) -> CheckResult {
+    let s = b.open().await;
+    ok(insert_key_1(&*s).await, "dek")?;
+    ok(
+        tokenize(&*s, token(130)).await,
+        "insert under the active key",
+    )?;
+    ok(
+        s.rotate_dek(
+            &dek(2, "acme", 2),
+            Some(1),
+            event(AuditAction::DekRotate, None),
+        )
+        .await,
+        "rotate",
+    )?;
+    let late = s
+        .insert_token(
+            record(token(131), "acme"),
+            event(AuditAction::Tokenize, Some(token(131))),
+        )
+        .await;
+    ensure(
+        matches!(late, Err(StoreError::KeyRetired)),
+        format!("a token was stored under a retired key: {late:?}"),
+    )?;
+    ok(s.close().await, "close")?;
+    let s = b.open().await;
+    let again = s
+        .insert_token(
+            record(token(132), "acme"),
+            event(AuditAction::Tokenize, Some(token(132))),
+        )
+        .await;
+    ensure(
+        matches!(again, Err(StoreError::KeyRetired)),
+        format!("after a restart, a token was stored under a retired key: {again:?}"),
+    )?;
+    let mut current = record(token(133), "acme");
+    current.dek_id = 2;
+    ok(
+        s.insert_token(current, event(AuditAction::Tokenize, Some(token(133))))
+            .await,
+        "insert under the new active key",
+    )?;
+    ensure(
+        ok(s.get_token(&token(131)).await, "get")?.is_none(),
+        "the refused token is stored",
+    )
+}
+
 /// Re-encrypting for a job that is no longer running is refused alone: it
 /// moves no row, and writes committed alongside it still succeed.
 pub async fn batch_for_a_stopped_job_fails_alone<B: Backend>(b: &B) -> CheckResult {

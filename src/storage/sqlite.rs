@@ -82,6 +82,27 @@ pub struct SqliteStore {
     commits: Arc<AtomicU64>,
 }
 
+/// A store dropped without [`Store::close`] (a start that failed part-way,
+/// say) still ends its writer before it is gone: the queue is closed, the
+/// writer finishes the jobs already in it and stops, and its lock on the
+/// database goes with it. So a store opened right after this one finds the
+/// database free, and its log where this writer left it.
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        let handle = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(handle) = handle else { return };
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        if handle.join().is_err() {
+            error!("sqlite writer thread panicked");
+        }
+    }
+}
+
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
@@ -1032,9 +1053,11 @@ mod tests {
     }
 
     /// The reference scan behind a destroy runs outside the writer. A token
-    /// put under the key after the scan's snapshot (a tokenize that picked
-    /// the key just before it was retired) must make the writer refuse the
-    /// destroy, or the key would be destroyed under a live token.
+    /// put under the key after the scan's snapshot must make the writer
+    /// refuse the destroy, or the key would be destroyed under a live
+    /// token. (The writer refuses new tokens under a retired key, so this
+    /// guard is a second line; the test puts the token in just before the
+    /// rotation, after the snapshot it claims.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn destroy_is_refused_if_a_token_was_added_after_the_scan() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1043,16 +1066,9 @@ mod tests {
         s.insert_dek(&dek(1, "acme", 1), event(AuditAction::DekCreate, None))
             .await
             .expect("dek");
-        s.rotate_dek(
-            &dek(2, "acme", 2),
-            Some(1),
-            event(AuditAction::DekRotate, None),
-        )
-        .await
-        .expect("rotate");
 
-        // The scan found key 1 unreferenced as of `since`; then a late
-        // tokenize under key 1 commits.
+        // A scan of key 1 claimed as of `since`; then a tokenize under key 1
+        // commits, and key 1 is retired.
         let since = s.commits.load(Ordering::Acquire);
         let late = token(7);
         s.insert_token(
@@ -1061,6 +1077,13 @@ mod tests {
         )
         .await
         .expect("late insert");
+        s.rotate_dek(
+            &dek(2, "acme", 2),
+            Some(1),
+            event(AuditAction::DekRotate, None),
+        )
+        .await
+        .expect("rotate");
         let refused = s
             .write(Op::DestroyDek(
                 1,

@@ -86,6 +86,7 @@ pub fn apply<'a>(tx: &'a Connection, op: &Op, ctx: &mut BatchCtx<'a>) -> Result<
                 if n != 1 {
                     return Err(rejected(format!("data key {old} is not active")));
                 }
+                ctx.newly_retired.push(*old);
             }
             insert_dek(tx, new)?;
             audit_unit(tx, audit, ctx)
@@ -156,7 +157,12 @@ fn savepoint<'a>(
     ctx: &mut BatchCtx<'a>,
     f: impl FnOnce(&'a Connection, &mut BatchCtx<'a>) -> Result<Done, OpError>,
 ) -> Result<Done, OpError> {
-    let (seq, head, destroyed) = (ctx.next_seq, ctx.chain_head, ctx.newly_destroyed.len());
+    let (seq, head, destroyed, retired) = (
+        ctx.next_seq,
+        ctx.chain_head,
+        ctx.newly_destroyed.len(),
+        ctx.newly_retired.len(),
+    );
     tx.execute_batch("SAVEPOINT op").map_err(fatal)?;
     match f(tx, ctx) {
         Ok(d) => {
@@ -169,6 +175,7 @@ fn savepoint<'a>(
             ctx.next_seq = seq;
             ctx.chain_head = head;
             ctx.newly_destroyed.truncate(destroyed);
+            ctx.newly_retired.truncate(retired);
             Err(OpError::Rejected(e))
         }
         Err(fatal) => Err(fatal),
@@ -212,6 +219,11 @@ fn insert_token<'a>(
     // not store a ciphertext nobody can ever open.
     if ctx.is_destroyed(r.dek_id) {
         return Err(rejected("the data key was destroyed; retry"));
+    }
+    // Nor under a key retired meanwhile (PCI DSS 3.7.5): the caller
+    // encrypts again under the tenant's active key.
+    if ctx.is_retired(r.dek_id) {
+        return Err(OpError::Rejected(StoreError::KeyRetired));
     }
     tx.prepare_cached(
         "INSERT INTO tokens (token, tenant, dek_id, ciphertext, brand, bin, last4,
@@ -344,6 +356,7 @@ fn finish_restore<'a>(
         .query_map([], |r| r.get::<_, u32>(0))?
         .collect::<rusqlite::Result<Vec<u32>>>()?;
     ids.sort_unstable();
+    ctx.newly_retired.extend(&ids);
     tx.prepare_cached("DELETE FROM meta WHERE key = ?1")?
         .execute(params![super::backup::RESTORE_MARKER])?;
     let mut audit = audit.clone();

@@ -105,6 +105,10 @@ pub struct WriterState {
     pub chain_head: [u8; 32],
     /// Destroyed data keys: nothing may be written under them again.
     pub destroyed: HashSet<u32>,
+    /// Retired (decrypt-only) data keys: no new token may be stored under
+    /// them (PCI DSS 3.7.5), even one encrypted a moment before the
+    /// rotation reached the caller's memory.
+    pub retired: HashSet<u32>,
     /// Batches committed since this process opened the store.
     pub commits: u64,
     /// Per data key, the number of the last commit that put a token under
@@ -158,10 +162,18 @@ impl WriterState {
             .query_map([], |r| r.get::<_, u32>(0))
             .and_then(Iterator::collect::<rusqlite::Result<HashSet<u32>>>)
             .map_err(map_err)?;
+        let mut st = conn
+            .prepare("SELECT id FROM deks WHERE state = 'decrypt-only'")
+            .map_err(map_err)?;
+        let retired = st
+            .query_map([], |r| r.get::<_, u32>(0))
+            .and_then(Iterator::collect::<rusqlite::Result<HashSet<u32>>>)
+            .map_err(map_err)?;
         Ok(Self {
             next_seq: u64::try_from(last_seq).unwrap_or(0) + 1,
             chain_head,
             destroyed,
+            retired,
             commits: 0,
             last_added: HashMap::new(),
             pending_truncate: false,
@@ -219,6 +231,7 @@ pub struct BatchCtx<'a> {
     /// Data keys this batch put tokens under.
     pub added: HashSet<u32>,
     pub newly_destroyed: Vec<u32>,
+    pub newly_retired: Vec<u32>,
     pub erased: bool,
 }
 
@@ -232,8 +245,13 @@ impl<'a> BatchCtx<'a> {
             chain_head: state.chain_head,
             added: HashSet::new(),
             newly_destroyed: Vec::new(),
+            newly_retired: Vec::new(),
             erased: false,
         }
+    }
+
+    pub fn is_retired(&self, id: u32) -> bool {
+        self.state.retired.contains(&id) || self.newly_retired.contains(&id)
     }
 
     pub fn is_destroyed(&self, id: u32) -> bool {
@@ -451,6 +469,7 @@ fn commit_batch(
             next_seq,
             chain_head,
             newly_destroyed,
+            newly_retired,
             added,
             erased,
             audit_insert,
@@ -465,7 +484,7 @@ fn commit_batch(
         Ok((
             results,
             (next_seq, chain_head),
-            (newly_destroyed, added),
+            (newly_destroyed, newly_retired, added),
             erased,
         ))
     })();
@@ -476,10 +495,11 @@ fn commit_batch(
         error!(error = %e, "rolling back a failed batch failed");
     }
     match outcome {
-        Ok((results, (next_seq, chain_head), (destroyed, added), erased)) => {
+        Ok((results, (next_seq, chain_head), (destroyed, retired, added), erased)) => {
             state.next_seq = next_seq;
             state.chain_head = chain_head;
             state.destroyed.extend(destroyed);
+            state.retired.extend(retired);
             state.commits += 1;
             for id in added {
                 state.last_added.insert(id, state.commits);
@@ -522,6 +542,7 @@ mod tests {
             next_seq: 1,
             chain_head: crate::audit::chain::GENESIS,
             destroyed: HashSet::new(),
+            retired: HashSet::new(),
             commits: 10,
             last_added: last_added.iter().copied().collect(),
             pending_truncate: false,
