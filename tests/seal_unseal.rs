@@ -266,13 +266,7 @@ async fn a_job_watch_ends_when_the_vault_is_sealed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_watch_ends_when_the_server_drains() {
     let dir = tempfile::tempdir().unwrap();
-    let l = tokenvault::devpki::ensure_dev_dir(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    let text = std::fs::read_to_string(l.config()).unwrap();
-    std::fs::write(
-        l.config(),
-        text.replace("[server]\n", "[server]\ndrain_seconds = 120\n"),
-    )
-    .unwrap();
+    with_drain_seconds(dir.path(), 120);
     let (v, admin, mut watch) = watched_job(dir, 8_300_000).await;
     let stopping = tokio::spawn(v.stop());
     // Without the fix the watch (and the stop) would last the whole 120 s

@@ -112,6 +112,25 @@ async fn a_failed_start_closes_the_store() {
     drop(v.stop().await);
 }
 
+/// A health client as `pki`, and an open watch of the overall status.
+async fn health_watch(
+    url: &str,
+    pki: &ClientPki,
+) -> (
+    HealthClient<tonic::transport::Channel>,
+    tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) {
+    let mut health = HealthClient::new(channel(url, pki).await.unwrap());
+    let watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (health, watch)
+}
+
 fn ensure_layout(root: &Path) -> tokenvault::devpki::DevLayout {
     tokenvault::devpki::ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap()
 }
@@ -162,19 +181,9 @@ async fn a_tls_key_others_can_read_is_refused() {
 async fn health_reports_not_serving_while_draining() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let dir = tempfile::tempdir().unwrap();
-    let l = ensure_layout(dir.path());
-    let text = std::fs::read_to_string(l.config()).unwrap();
-    let text = text.replace("[server]\n", "[server]\ndrain_seconds = 30\n");
-    std::fs::write(l.config(), text).unwrap();
+    with_drain_seconds(dir.path(), 30);
     let v = TestVault::start_in(dir).await;
-    let mut health = HealthClient::new(channel(&v.url(), &v.pki(AUDITOR)).await.unwrap());
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (health, mut watch) = health_watch(&v.url(), &v.pki(AUDITOR)).await;
     let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.map(|m| m.status);
     assert_eq!(
         status(watch.message().await.unwrap()),
@@ -204,24 +213,11 @@ async fn health_reports_not_serving_while_draining() {
 async fn a_second_signal_ends_a_draining_vault_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let l = ensure_layout(&data);
-    let text = std::fs::read_to_string(l.config()).unwrap();
-    std::fs::write(
-        l.config(),
-        text.replace("[server]\n", "[server]\ndrain_seconds = 60\n"),
-    )
-    .unwrap();
+    with_drain_seconds(&data, 60);
     let mut vault = VaultProc::start(&data, &dir.path().join("logs"), "signals", "info");
     let url = vault.url();
     let pki = ClientPki::from_dev_dir(&data, AUDITOR).unwrap();
-    let mut health = HealthClient::new(channel(&url, &pki).await.unwrap());
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (health, mut watch) = health_watch(&url, &pki).await;
     watch.message().await.unwrap();
     let token = {
         let mut c = connect(

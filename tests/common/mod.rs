@@ -35,6 +35,18 @@ pub async fn client_at(url: &str, root: &Path, name: &str) -> Client {
         .unwrap()
 }
 
+/// Creates the development setup in `root` (if missing) with
+/// `server.drain_seconds` set to `secs`, for tests that hold a drain open.
+pub fn with_drain_seconds(root: &Path, secs: u64) {
+    let l = ensure_dev_dir(root, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let text = std::fs::read_to_string(l.config()).unwrap();
+    std::fs::write(
+        l.config(),
+        text.replace("[server]\n", &format!("[server]\ndrain_seconds = {secs}\n")),
+    )
+    .unwrap();
+}
+
 /// The example callers of the development setup.
 pub const ACME_CHECKOUT: &str = "acme-checkout";
 pub const ACME_PAYMENTS: &str = "acme-payments";

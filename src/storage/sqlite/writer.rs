@@ -155,20 +155,8 @@ impl WriterState {
             }
         };
         check_signed_prefix(conn, last_seq)?;
-        let mut st = conn
-            .prepare("SELECT id FROM deks WHERE state = 'destroyed'")
-            .map_err(map_err)?;
-        let destroyed = st
-            .query_map([], |r| r.get::<_, u32>(0))
-            .and_then(Iterator::collect::<rusqlite::Result<HashSet<u32>>>)
-            .map_err(map_err)?;
-        let mut st = conn
-            .prepare("SELECT id FROM deks WHERE state = 'decrypt-only'")
-            .map_err(map_err)?;
-        let retired = st
-            .query_map([], |r| r.get::<_, u32>(0))
-            .and_then(Iterator::collect::<rusqlite::Result<HashSet<u32>>>)
-            .map_err(map_err)?;
+        let destroyed = dek_ids_in(conn, "destroyed")?;
+        let retired = dek_ids_in(conn, "decrypt-only")?;
         Ok(Self {
             next_seq: u64::try_from(last_seq).unwrap_or(0) + 1,
             chain_head,
@@ -179,6 +167,16 @@ impl WriterState {
             pending_truncate: false,
         })
     }
+}
+
+/// The ids of the data keys in `state`.
+fn dek_ids_in(conn: &Connection, state: &str) -> Result<HashSet<u32>, StoreError> {
+    conn.prepare("SELECT id FROM deks WHERE state = ?1")
+        .and_then(|mut st| {
+            st.query_map([state], |r| r.get::<_, u32>(0))?
+                .collect::<rusqlite::Result<HashSet<u32>>>()
+        })
+        .map_err(map_err)
 }
 
 /// Refuses to open a log that no longer holds what its latest signed
